@@ -1,0 +1,2 @@
+//! farmctl binary (being written).
+fn main() {}

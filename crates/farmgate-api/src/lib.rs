@@ -1,0 +1,1 @@
+//! farmgate-api (being written).

@@ -1,0 +1,1 @@
+//! farmgate-console (being written).

@@ -1,0 +1,1 @@
+//! farmgate-executor (being written).

@@ -1,0 +1,1 @@
+//! farmgate-job (being written).

@@ -1,0 +1,1 @@
+//! farmgate-pdu (being written).

@@ -1,0 +1,1 @@
+//! farmgate-store (being written).

@@ -1,0 +1,1 @@
+//! farmgate-testkit (being written).

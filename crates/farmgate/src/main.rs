@@ -1,0 +1,2 @@
+//! farmgate binary (being written).
+fn main() {}
