@@ -1,2 +1,388 @@
-//! farmctl binary (being written).
-fn main() {}
+//! `farmctl`: the user's client of a farmgate gateway (CI-tron's `executorctl` role).
+//!
+//! `farmctl run job.yml` submits a job (same multipart request as executorctl), then
+//! follows its events: executor messages go to stderr prefixed with `[farmgate]`, the
+//! DUT's console goes to stdout as it comes, and farmctl exits with the job's status
+//! code. If the stream drops (the gateway restarting), it resumes where it stopped.
+//!
+//! Exit codes: 0 PASS, 1 WARN, 2 COMPLETE, 3 FAIL, 4 INCOMPLETE, 5 UNKNOWN, 6 SETUP_FAIL
+//! (CI-tron's values), 7 the gateway refused the request, 8 the gateway could not be
+//! reached, 9 bad usage or unreadable input.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use farmgate_wire::{
+    ApiErrorBody, DutList, DutPatch, EventKind, JobAccepted, JobEvent, JobMetadata, JobStatus,
+    JobTarget, JobView, SessionEnd,
+};
+use futures_util::StreamExt;
+
+/// The gateway refused the request (bad job, no machine, busy, credentials).
+const EXIT_REFUSED: u8 = 7;
+/// The gateway could not be reached.
+const EXIT_UNREACHABLE: u8 = 8;
+/// Bad usage or unreadable input.
+const EXIT_USAGE: u8 = 9;
+
+#[derive(Parser)]
+#[command(name = "farmctl", version, about = "Run jobs on a farmgate test farm")]
+struct Cli {
+    /// URL of the gateway's REST API.
+    #[arg(long, env = "FARMGATE_URL", default_value = "http://localhost")]
+    url: String,
+    /// Bearer token (submit token for jobs, admin token for DUT changes).
+    #[arg(long, env = "FARMGATE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a job and follow it; exit with its status code.
+    Run {
+        /// Wait for a machine to become available if all are busy.
+        #[arg(short = 'w', long)]
+        wait: bool,
+        /// Tag the machine must have (repeatable). Overrides the job's target.
+        #[arg(short = 't', long = "machine-tag")]
+        machine_tags: Vec<String>,
+        /// ID of the machine that should run the job. Overrides the job's target.
+        #[arg(short = 'i', long = "machine-id")]
+        machine_id: Option<String>,
+        /// Directory shared with the job (needs the gateway's object store).
+        #[arg(short = 's', long = "share-directory")]
+        share_directory: Option<PathBuf>,
+        /// Identifier for the job, if you have one already.
+        #[arg(short = 'j', long = "job-id")]
+        job_id: Option<String>,
+        /// Variable forwarded to the job template as `environ.NAME` (repeatable).
+        #[arg(short = 'e', long = "env", value_name = "NAME=VALUE")]
+        environ: Vec<String>,
+        /// The job description (YAML, may be a Jinja2 template).
+        job: PathBuf,
+    },
+    /// Show a job's record.
+    Status {
+        /// Job id.
+        job_id: String,
+    },
+    /// Follow a job's events from the start (or print them if it is over).
+    Follow {
+        /// Job id.
+        job_id: String,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// Job id.
+        job_id: String,
+    },
+    /// List the farm's machines.
+    Duts,
+    /// Retire a machine (admin).
+    Retire {
+        /// Machine id.
+        dut_id: String,
+    },
+    /// Bring a retired machine back, through a quick check (admin).
+    Activate {
+        /// Machine id.
+        dut_id: String,
+    },
+}
+
+struct Client {
+    http: reqwest::Client,
+    url: String,
+    token: Option<String>,
+}
+
+/// A failure with the exit code it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn fail(code: u8, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+impl Client {
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self
+            .http
+            .request(method, format!("{}{}", self.url.trim_end_matches('/'), path));
+        if let Some(t) = &self.token {
+            r = r.bearer_auth(t);
+        }
+        r
+    }
+
+    async fn send(&self, r: reqwest::RequestBuilder) -> Result<reqwest::Response, Failure> {
+        let resp = r.send().await.map_err(|e| {
+            fail(
+                EXIT_UNREACHABLE,
+                format!("cannot reach the gateway at {}: {e}", self.url),
+            )
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ApiErrorBody>(&text)
+            .map(|b| b.error)
+            .unwrap_or(text);
+        Err(fail(
+            EXIT_REFUSED,
+            format!("the gateway answered {status}: {message}"),
+        ))
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        r: reqwest::RequestBuilder,
+    ) -> Result<T, Failure> {
+        self.send(r)
+            .await?
+            .json()
+            .await
+            .map_err(|e| fail(EXIT_UNREACHABLE, format!("unreadable answer from the gateway: {e}")))
+    }
+}
+
+fn ctrl(text: &str) {
+    let now = chrono::Local::now().format("%H:%M:%S");
+    eprintln!("[farmgate {now}] {text}");
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let client = Client {
+        http: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_default(),
+        url: cli.url.clone(),
+        token: cli.token.clone(),
+    };
+    match run(&client, cli.command).await {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            eprintln!("farmctl: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn run(client: &Client, command: Command) -> Result<u8, Failure> {
+    match command {
+        Command::Run {
+            wait,
+            machine_tags,
+            machine_id,
+            share_directory,
+            job_id,
+            environ,
+            job,
+        } => {
+            if share_directory.is_some() {
+                return Err(fail(
+                    EXIT_USAGE,
+                    "--share-directory needs the gateway's object store, which this version does not have yet",
+                ));
+            }
+            let template = std::fs::read_to_string(&job)
+                .map_err(|e| fail(EXIT_USAGE, format!("cannot read {}: {e}", job.display())))?;
+            let mut env = BTreeMap::new();
+            for pair in environ {
+                let (k, v) = pair.split_once('=').ok_or_else(|| {
+                    fail(EXIT_USAGE, format!("--env {pair:?}: expected NAME=VALUE"))
+                })?;
+                env.insert(k.to_string(), v.to_string());
+            }
+            let target = (machine_id.is_some() || !machine_tags.is_empty()).then(|| JobTarget {
+                id: machine_id,
+                tags: machine_tags,
+            });
+            let metadata = JobMetadata {
+                version: 1,
+                job_id,
+                target,
+                wait,
+                environ: env,
+                callback: None,
+                minio: None,
+            };
+            let form = reqwest::multipart::Form::new()
+                .text(
+                    "metadata",
+                    serde_json::to_string(&metadata).unwrap_or_default(),
+                )
+                .text("job", template);
+            let accepted: JobAccepted = client
+                .json(client.req(reqwest::Method::POST, "/api/v1/jobs").multipart(form))
+                .await?;
+            ctrl(&format!(
+                "Job {} accepted ({}{})",
+                accepted.job_id,
+                accepted.state.as_str(),
+                accepted
+                    .dut_id
+                    .as_deref()
+                    .map(|d| format!(" on {d}"))
+                    .unwrap_or_default()
+            ));
+            follow(client, &accepted.job_id).await
+        }
+        Command::Follow { job_id } => follow(client, &job_id).await,
+        Command::Status { job_id } => {
+            let view: JobView = client
+                .json(client.req(reqwest::Method::GET, &format!("/api/v1/job/{job_id}")))
+                .await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&view).unwrap_or_default()
+            );
+            Ok(view.status.map(|s| s.exit_code() as u8).unwrap_or(0))
+        }
+        Command::Cancel { job_id } => {
+            let view: JobView = client
+                .json(client.req(
+                    reqwest::Method::POST,
+                    &format!("/api/v1/job/{job_id}/cancel"),
+                ))
+                .await?;
+            ctrl(&format!("cancel requested for job {}", view.job_id));
+            Ok(0)
+        }
+        Command::Duts => {
+            let list: DutList = client
+                .json(client.req(reqwest::Method::GET, "/api/v1/duts"))
+                .await?;
+            println!(
+                "{:<20} {:<24} {:<12} {:<10} TAGS",
+                "ID", "NAME", "STATE", "PDU:PORT"
+            );
+            for (id, d) in list.duts {
+                println!(
+                    "{:<20} {:<24} {:<12} {:<10} {}",
+                    id,
+                    d.full_name,
+                    d.state.as_str(),
+                    format!(
+                        "{}:{}",
+                        d.record.pdu.as_deref().unwrap_or("-"),
+                        d.record.pdu_port_id.as_deref().unwrap_or("-")
+                    ),
+                    d.record.all_tags().collect::<Vec<_>>().join(",")
+                );
+            }
+            Ok(0)
+        }
+        Command::Retire { dut_id } => set_retired(client, &dut_id, true).await,
+        Command::Activate { dut_id } => set_retired(client, &dut_id, false).await,
+    }
+}
+
+async fn set_retired(client: &Client, dut_id: &str, retired: bool) -> Result<u8, Failure> {
+    let patch = DutPatch {
+        is_retired: Some(retired),
+        ..DutPatch::default()
+    };
+    let view: farmgate_wire::DutView = client
+        .json(
+            client
+                .req(reqwest::Method::PATCH, &format!("/api/v1/dut/{dut_id}"))
+                .json(&patch),
+        )
+        .await?;
+    ctrl(&format!("{} is now {}", view.full_name, view.state));
+    Ok(0)
+}
+
+/// Follow a job's events until its session_end; resume after stream losses.
+async fn follow(client: &Client, job_id: &str) -> Result<u8, Failure> {
+    let mut after = 0i64;
+    let mut failures = 0u32;
+    let mut cancel_sent = false;
+    let mut stdout = std::io::stdout();
+    loop {
+        let req = client.req(
+            reqwest::Method::GET,
+            &format!("/api/v1/job/{job_id}/events?follow=true&after={after}"),
+        );
+        let resp = match client.send(req).await {
+            Ok(r) => r,
+            Err(f) if f.code == EXIT_UNREACHABLE && failures < 600 => {
+                if failures == 0 {
+                    ctrl("lost the gateway; retrying every second");
+                }
+                failures += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(f) => return Err(f),
+        };
+        if failures > 0 {
+            ctrl("reconnected to the gateway");
+        }
+        failures = 0;
+        let mut stream = resp.bytes_stream();
+        let mut partial: Vec<u8> = Vec::new();
+        loop {
+            let chunk = tokio::select! {
+                c = stream.next() => c,
+                _ = tokio::signal::ctrl_c() => {
+                    if cancel_sent {
+                        return Ok(130);
+                    }
+                    cancel_sent = true;
+                    ctrl("Ctrl-C: cancelling the job (press again to quit without waiting)");
+                    let _ = client.send(client.req(reqwest::Method::POST, &format!("/api/v1/job/{job_id}/cancel"))).await;
+                    continue;
+                }
+            };
+            let Some(Ok(chunk)) = chunk else { break };
+            partial.extend_from_slice(&chunk);
+            while let Some(pos) = partial.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = partial.drain(..=pos).collect();
+                let Ok(event) = serde_json::from_slice::<JobEvent>(&line) else {
+                    continue;
+                };
+                after = event.seq;
+                match event.msg_type {
+                    EventKind::JobIo => {
+                        let _ = writeln!(stdout, "{}", event.payload);
+                        let _ = stdout.flush();
+                    }
+                    EventKind::Ctrl => ctrl(&event.payload),
+                    EventKind::SessionEnd => {
+                        let end: SessionEnd = serde_json::from_str(&event.payload).unwrap_or(
+                            SessionEnd {
+                                status: JobStatus::Unknown,
+                                reason: event.payload.clone(),
+                            },
+                        );
+                        ctrl(&format!(
+                            "Job {job_id} finished: {} ({})",
+                            end.status, end.reason
+                        ));
+                        return Ok(end.status.exit_code() as u8);
+                    }
+                }
+            }
+        }
+        // Stream ended without session_end: the gateway went away; resume.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

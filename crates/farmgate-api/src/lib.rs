@@ -1,1 +1,530 @@
-//! farmgate-api (being written).
+//! The HTTP face of a gateway: the executor's REST API (seed 001 paths under `/api/v1`)
+//! and SALAD's REST API (seed 000, on its own port).
+//!
+//! This is the only crate that knows HTTP. Each handler parses the request into the
+//! typed arguments of an [`Executor`] command, checks credentials, calls it, and maps its
+//! [`ExecError`] to a status code with a JSON body `{"error": "..."}`.
+//!
+//! Who may do what: reading the farm's state is open, like CI-tron; the endpoints a DUT
+//! calls while it boots (`boot.ipxe`, registration) need no token, and registration can
+//! never set the manual fields (PDU, port), so a machine registering itself cannot take
+//! another's port; submitting and cancelling jobs needs the submit token (or the admin
+//! token); everything that changes the farm needs the admin token.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Multipart, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use farmgate_console::{MachineInfo, Salad};
+use farmgate_executor::{ExecError, Executor};
+use farmgate_wire::{
+    ApiErrorBody, DiscoverRequest, DutPatch, DutRegistration, JobMetadata, JobState, PortPatch,
+};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// Largest job description accepted, in bytes.
+pub const MAX_JOB_SIZE: usize = 1024 * 1024;
+
+/// Credentials of the API.
+#[derive(Debug, Clone, Default)]
+pub struct Tokens {
+    /// Admin bearer token; admin actions are refused when unset.
+    pub admin: Option<String>,
+    /// Submit bearer token; when unset, only the admin token can submit.
+    pub submit: Option<String>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    exec: Executor,
+    tokens: Tokens,
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ExecError> for ApiError {
+    fn from(e: ExecError) -> Self {
+        let status = match &e {
+            ExecError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ExecError::NotFound(_) => StatusCode::NOT_FOUND,
+            ExecError::NoMatch(_) => StatusCode::NOT_ACCEPTABLE,
+            ExecError::Busy(_) | ExecError::Conflict(_) => StatusCode::CONFLICT,
+            ExecError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!("{}", self.message);
+        }
+        (
+            self.status,
+            axum::Json(ApiErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn json<T: serde::Serialize>(value: &T) -> Response {
+    axum::Json(value).into_response()
+}
+
+/// Parse a JSON body ourselves so the error says which field and where.
+fn parse_body<T: DeserializeOwned>(what: &str, body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("{what}: {e}")))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Submit,
+    Admin,
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorize(state: &AppState, headers: &HeaderMap, role: Role) -> ApiResult<()> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(given) = given else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            match role {
+                Role::Admin => "this action needs the admin token (Authorization: Bearer <token>)",
+                Role::Submit => {
+                    "this action needs the submit token (Authorization: Bearer <token>; farmctl reads FARMGATE_TOKEN)"
+                }
+            },
+        ));
+    };
+    let is = |t: &Option<String>| {
+        t.as_deref()
+            .is_some_and(|t| constant_time_eq(t.as_bytes(), given.as_bytes()))
+    };
+    let ok = match role {
+        Role::Admin => is(&state.tokens.admin),
+        Role::Submit => is(&state.tokens.admin) || is(&state.tokens.submit),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            match role {
+                Role::Admin => "the token given is not the admin token",
+                Role::Submit => "the token given may not submit or cancel jobs",
+            },
+        ))
+    }
+}
+
+/// The executor's router (seed 001 paths).
+pub fn executor_router(exec: Executor, tokens: Tokens) -> Router {
+    let state = AppState { exec, tokens };
+    Router::new()
+        .route("/api/v1/duts", get(list_duts))
+        .route("/api/v1/dut", post(register_dut).put(register_dut))
+        .route("/api/v1/dut/", post(register_dut).put(register_dut))
+        .route(
+            "/api/v1/dut/discover",
+            get(get_discover).post(post_discover).delete(delete_discover),
+        )
+        .route(
+            "/api/v1/dut/{id}",
+            get(get_dut).patch(patch_dut).delete(delete_dut),
+        )
+        .route("/api/v1/dut/{id}/boot.ipxe", get(boot_ipxe))
+        .route("/api/v1/duts/{id}/boot.ipxe", get(boot_ipxe))
+        .route(
+            "/api/v1/dut/{id}/quick_check",
+            get(get_quick_check).post(post_quick_check),
+        )
+        .route("/api/v1/dut/{id}/cancel_job", post(cancel_on_dut))
+        .route("/api/v1/pdus", get(list_pdus))
+        .route("/api/v1/pdu/{name}", get(get_pdu))
+        .route(
+            "/api/v1/pdu/{name}/port/{port}",
+            get(get_port).patch(patch_port),
+        )
+        .route("/api/v1/full-state", get(full_state))
+        .route("/api/v1/jobs", get(list_jobs).post(submit_job))
+        .route("/api/v1/job/{id}", get(get_job))
+        .route("/api/v1/job/{id}/events", get(job_events))
+        .route("/api/v1/job/{id}/cancel", post(cancel_job))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see the README for the API",
+            )
+        })
+        .with_state(state)
+}
+
+async fn list_duts(State(st): State<AppState>) -> Response {
+    json(&st.exec.duts())
+}
+
+async fn get_dut(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    Ok(json(&st.exec.dut(&id)?))
+}
+
+async fn patch_dut(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    authorize(&st, &headers, Role::Admin)?;
+    let patch: DutPatch = parse_body("PATCH body", &body)?;
+    Ok(json(&st.exec.patch_dut(&id, patch)?))
+}
+
+async fn delete_dut(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    authorize(&st, &headers, Role::Admin)?;
+    st.exec.delete_dut(&id)?;
+    Ok(StatusCode::OK.into_response())
+}
+
+async fn register_dut(State(st): State<AppState>, body: Bytes) -> ApiResult<Response> {
+    let reg: DutRegistration = parse_body("registration body", &body)?;
+    Ok(json(&st.exec.register_dut(reg)?))
+}
+
+async fn get_discover(State(st): State<AppState>) -> Response {
+    json(&st.exec.discovery())
+}
+
+async fn post_discover(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    authorize(&st, &headers, Role::Admin)?;
+    let req: DiscoverRequest = parse_body("discover body", &body)?;
+    Ok(json(&st.exec.start_discovery(req)?))
+}
+
+async fn delete_discover(State(st): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    authorize(&st, &headers, Role::Admin)?;
+    st.exec.stop_discovery();
+    Ok(json(&st.exec.discovery()))
+}
+
+async fn boot_ipxe(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let script = st.exec.boot_script(&id)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], script).into_response())
+}
+
+async fn get_quick_check(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    Ok(json(&st.exec.quick_check_pending(&id)?))
+}
+
+async fn post_quick_check(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    authorize(&st, &headers, Role::Admin)?;
+    Ok(json(&st.exec.queue_quick_check(&id)?))
+}
+
+async fn cancel_on_dut(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    authorize(&st, &headers, Role::Submit)?;
+    let job = st.exec.cancel_on_dut(&id)?;
+    Ok(json(&serde_json::json!({ "cancelled_job": job })))
+}
+
+async fn list_pdus(State(st): State<AppState>) -> Response {
+    json(&st.exec.pdus().await)
+}
+
+async fn get_pdu(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(json(&st.exec.pdu(&name).await?))
+}
+
+async fn get_port(
+    State(st): State<AppState>,
+    Path((name, port)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    Ok(json(&st.exec.port(&name, &port).await?))
+}
+
+async fn patch_port(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path((name, port)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    authorize(&st, &headers, Role::Admin)?;
+    let patch: PortPatch = parse_body("PATCH body", &body)?;
+    Ok(json(&st.exec.patch_port(&name, &port, patch).await?))
+}
+
+async fn full_state(State(st): State<AppState>) -> Response {
+    json(&st.exec.full_state().await)
+}
+
+#[derive(Deserialize)]
+struct JobsQuery {
+    state: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_jobs(
+    State(st): State<AppState>,
+    Query(q): Query<JobsQuery>,
+) -> ApiResult<Response> {
+    let state = match q.state.as_deref() {
+        None => None,
+        Some(s) => Some(
+            s.parse::<JobState>()
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("state: {e}")))?,
+        ),
+    };
+    let jobs = st.exec.jobs(state, q.limit.unwrap_or(100).min(10_000))?;
+    Ok(json(&serde_json::json!({ "jobs": jobs })))
+}
+
+/// `POST /api/v1/jobs`: multipart with `metadata` (JSON) and `job` (YAML template), as
+/// executorctl sends them. A share-directory archive is refused for now: sharing needs
+/// the object store.
+async fn submit_job(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    mut multipart: Multipart,
+) -> ApiResult<Response> {
+    authorize(&st, &headers, Role::Submit)?;
+    let mut metadata: Option<JobMetadata> = None;
+    let mut job: Option<String> = None;
+    loop {
+        let field = multipart.next_field().await.map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("multipart body: {e}"))
+        })?;
+        let Some(field) = field else { break };
+        let name = field.name().unwrap_or_default().to_string();
+        let data = field.bytes().await.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("multipart part {name}: {e}"),
+            )
+        })?;
+        match name.as_str() {
+            "metadata" => metadata = Some(parse_body("metadata part", &data)?),
+            "job" => {
+                if data.len() > MAX_JOB_SIZE {
+                    return Err(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("job part: {} bytes, the limit is {MAX_JOB_SIZE}", data.len()),
+                    ));
+                }
+                job = Some(String::from_utf8(data.to_vec()).map_err(|e| {
+                    ApiError::new(StatusCode::BAD_REQUEST, format!("job part: not UTF-8: {e}"))
+                })?);
+            }
+            "archive" | "share" | "tarball" => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "share directories (-s) need the gateway's object store, which this version does not have yet",
+                ));
+            }
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown multipart part {other:?}; expected metadata and job"),
+                ));
+            }
+        }
+    }
+    let job = job.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the multipart body has no `job` part (the job description)",
+        )
+    })?;
+    let accepted = st.exec.submit(&job, metadata.unwrap_or_default())?;
+    Ok(json(&accepted))
+}
+
+async fn get_job(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    Ok(json(&st.exec.job(&id)?))
+}
+
+async fn cancel_job(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    authorize(&st, &headers, Role::Submit)?;
+    st.exec.cancel_job(&id)?;
+    Ok(json(&st.exec.job(&id)?))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    after: Option<i64>,
+    follow: Option<bool>,
+}
+
+/// Events of a job as JSON lines. With `follow=true` the answer streams until the
+/// job's `session_end` event; a client that loses the stream resumes with `after=<seq>`.
+async fn job_events(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<Response> {
+    st.exec.job(&id)?; // 404 for unknown jobs
+    let after = q.after.unwrap_or(0);
+    if !q.follow.unwrap_or(false) {
+        let events = st.exec.events(&id, after, 100_000)?;
+        let mut body = String::new();
+        for e in events {
+            body.push_str(&serde_json::to_string(&e).unwrap_or_default());
+            body.push('\n');
+        }
+        return Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response());
+    }
+    struct Cursor {
+        exec: Executor,
+        id: String,
+        after: i64,
+        done: bool,
+    }
+    let cursor = Cursor {
+        exec: st.exec.clone(),
+        id,
+        after,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(cursor, |mut c| async move {
+        if c.done {
+            return None;
+        }
+        loop {
+            let exec = c.exec.clone();
+            let id = c.id.clone();
+            let after = c.after;
+            let events = tokio::task::spawn_blocking(move || exec.events(&id, after, 1000))
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or_default();
+            if !events.is_empty() {
+                let mut chunk = String::new();
+                for e in &events {
+                    chunk.push_str(&serde_json::to_string(e).unwrap_or_default());
+                    chunk.push('\n');
+                    if e.msg_type == farmgate_wire::EventKind::SessionEnd {
+                        c.done = true;
+                    }
+                }
+                c.after = events.last().map(|e| e.seq).unwrap_or(c.after);
+                return Some((Ok::<Bytes, Infallible>(Bytes::from(chunk)), c));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// SALAD's router (seed 000): `GET /api/v1/machine/` and `GET /api/v1/machine/<id>`.
+/// Asking for a machine creates its relay port preemptively, as the seed describes.
+pub fn salad_router(salad: Salad) -> Router {
+    Router::new()
+        .route("/api/v1/machine", get(salad_machines))
+        .route("/api/v1/machine/", get(salad_machines))
+        .route("/api/v1/machine/{id}", get(salad_machine))
+        .with_state(salad)
+}
+
+async fn salad_machines(State(salad): State<Salad>) -> Response {
+    let machines: BTreeMap<String, MachineInfo> = salad.machines();
+    json(&machines)
+}
+
+async fn salad_machine(State(salad): State<Salad>, Path(id): Path<String>) -> ApiResult<Response> {
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ":._-".contains(c))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("machine id {id:?}: use up to 64 letters, digits, ':', '.', '_' or '-'"),
+        ));
+    }
+    salad.machine_port(&id).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot open a relay port for {id}: {e}"),
+        )
+    })?;
+    let info = salad.machine(&id).ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, format!("no console for machine {id}"))
+    })?;
+    Ok(json(&info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

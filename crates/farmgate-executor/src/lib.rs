@@ -1,1 +1,21 @@
-//! farmgate-executor (being written).
+//! The farmgate executor.
+//!
+//! Two halves share this crate because they share the job's life cycle:
+//! - the daemon side ([`Executor`]): job queue with tag matching, the DUT state machine
+//!   of seed 001, Sergeant Hartman's training and quick checks, discovery, the MaRS file,
+//!   and the typed commands the REST API calls;
+//! - the runner side ([`runner::run_job`]): the process that runs one job on one DUT.
+//!
+//! They talk only through the store (SQLite) and the DUT lock files, so either can
+//! restart without the other noticing more than a pause.
+
+pub mod bootscript;
+pub mod config;
+pub mod console_link;
+pub mod executor;
+pub mod runner;
+pub mod spawn;
+pub mod spec;
+
+pub use config::{ConfigError, GatewayConfig};
+pub use executor::{ExecError, Executor};

@@ -1,2 +1,211 @@
-//! farmgate binary (being written).
-fn main() {}
+//! `farmgate`: the gateway daemon.
+//!
+//! - `farmgate serve` runs a gateway configured by environment variables (seed 001
+//!   names): the executor's REST API, SALAD, Sergeant Hartman.
+//! - `farmgate run-job` is what `serve` starts for each job, in its own process group;
+//!   it exits with the job's status code. Users do not call it.
+//!
+//! Exit codes of `serve`: 0 after a clean shutdown, 1 on a runtime failure, 2 on a bad
+//! configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use farmgate_executor::{Executor, GatewayConfig};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "farmgate", version, about = "Time-share a farm of test machines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (configuration from the environment; see the README).
+    Serve,
+    /// Run one job on its DUT (started by `serve`; exits with the job's status code).
+    #[command(hide = true)]
+    RunJob {
+        /// The gateway's SQLite database.
+        #[arg(long)]
+        database: PathBuf,
+        /// The job to run.
+        #[arg(long)]
+        job_id: String,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FARMGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Serve => {
+            let config = match GatewayConfig::from_process_env() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("farmgate: configuration: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("farmgate: cannot start the async runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("farmgate: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::RunJob { database, job_id } => {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("farmgate run-job: cannot start the async runtime: {e}");
+                    return ExitCode::from(farmgate_wire::JobStatus::Unknown.exit_code() as u8);
+                }
+            };
+            let result = rt.block_on(async {
+                let store = farmgate_store::SqliteStore::open(&database)?;
+                farmgate_executor::runner::run_job(Arc::new(store), &job_id).await
+            });
+            match result {
+                Ok(status) => ExitCode::from(status.exit_code() as u8),
+                Err(e) => {
+                    eprintln!("farmgate run-job {job_id}: {e:#}");
+                    ExitCode::from(farmgate_wire::JobStatus::Unknown.exit_code() as u8)
+                }
+            }
+        }
+    }
+}
+
+/// Make sure an admin token exists: the configured one, or one generated on first start
+/// and kept in the state directory (readable by root only), so a fresh gateway is never
+/// open to anonymous admin actions.
+fn admin_token(config: &GatewayConfig) -> anyhow::Result<String> {
+    if let Some(t) = &config.admin_token {
+        return Ok(t.clone());
+    }
+    let path = config.state_dir.join("admin.token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_string());
+        }
+    }
+    use rand::Rng;
+    let bytes: [u8; 24] = rand::rng().random();
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::create_dir_all(&config.state_dir)?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        writeln!(f, "{token}")?;
+    }
+    tracing::warn!(
+        "FARMGATE_ADMIN_TOKEN is not set: generated an admin token in {}",
+        path.display()
+    );
+    Ok(token)
+}
+
+async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("shutting down (running jobs go on in their own processes)");
+            shutdown.cancel();
+        });
+    }
+    let tokens = farmgate_api::Tokens {
+        admin: Some(admin_token(&config)?),
+        submit: config.submit_token.clone(),
+    };
+    let salad = farmgate_console::Salad::start(
+        farmgate_console::SaladConfig {
+            serial_globs: config.salad_serial_globs.clone(),
+            rescan_interval: std::time::Duration::from_secs(1),
+            bind_host: config.executor_host,
+            baud: 115_200,
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    let exec = Executor::start(config.clone(), shutdown.clone()).await?;
+    let api = tokio::net::TcpListener::bind((config.executor_host, config.executor_port))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {}:{} (EXECUTOR_HOST/EXECUTOR_PORT): {e}",
+                config.executor_host,
+                config.executor_port
+            )
+        })?;
+    let salad_listener = tokio::net::TcpListener::bind((config.executor_host, config.salad_port))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {}:{} (SALAD_PORT): {e}",
+                config.executor_host,
+                config.salad_port
+            )
+        })?;
+    tracing::info!(
+        farm = %config.farm_name,
+        api = %api.local_addr()?,
+        salad = %salad_listener.local_addr()?,
+        "farmgate is serving"
+    );
+    let sd = shutdown.clone();
+    let salad_server = tokio::spawn(
+        axum::serve(salad_listener, farmgate_api::salad_router(salad))
+            .with_graceful_shutdown(async move { sd.cancelled().await })
+            .into_future(),
+    );
+    let sd = shutdown.clone();
+    axum::serve(api, farmgate_api::executor_router(exec, tokens))
+        .with_graceful_shutdown(async move { sd.cancelled().await })
+        .await?;
+    let _ = salad_server.await;
+    Ok(())
+}

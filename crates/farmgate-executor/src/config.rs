@@ -1,0 +1,406 @@
+//! Gateway configuration, read from environment variables.
+//!
+//! The names and defaults are seed 001's (`FARM_NAME`, `EXECUTOR_*`, `MARS_DB_FILE`,
+//! `SALAD_*`, `SERGENT_HARTMAN_*`, `BOOTS_DEFAULT_*`, ...) so a CI-tron gateway's
+//! environment file works unchanged; farmgate's own additions start with `FARMGATE_`.
+//! Parsing takes a map rather than reading the process environment so it can be tested,
+//! and every bad value is reported with the variable's name.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A configuration value that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A mandatory variable is missing.
+    #[error("{name} is not set: {hint}")]
+    Missing {
+        /// Variable name.
+        name: &'static str,
+        /// What to set it to.
+        hint: &'static str,
+    },
+    /// A variable has a value we cannot use.
+    #[error("{name}={value:?}: {why}")]
+    Invalid {
+        /// Variable name.
+        name: String,
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A `*_FILE` secret could not be read.
+    #[error("{name}: cannot read {path}: {source}")]
+    SecretFile {
+        /// Variable name.
+        name: String,
+        /// File it points to.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Everything the daemon needs, with seed 001's defaults.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// `FARM_NAME`: name of the farm, prefix of DUT names (mandatory).
+    pub farm_name: String,
+    /// `EXECUTOR_HOST`: address the REST API binds (default `0.0.0.0`).
+    pub executor_host: IpAddr,
+    /// `EXECUTOR_PORT`: port of the REST API (default 80).
+    pub executor_port: u16,
+    /// `EXECUTOR_URL`: how DUTs and local services reach the API (default `http://ci-gateway`).
+    pub executor_url: String,
+    /// `MARS_DB_FILE`: the MaRS DB YAML file (default `/config/mars_db.yaml`).
+    pub mars_db_file: PathBuf,
+    /// `FARMGATE_STATE_DIR`: SQLite database, job logs, locks (default `/var/lib/farmgate`).
+    pub state_dir: PathBuf,
+    /// `SALAD_URL`: where job runners find the console relay (default `http://ci-gateway:8005`).
+    pub salad_url: String,
+    /// `SALAD_PORT`: port of SALAD's REST API (default 8005).
+    pub salad_port: u16,
+    /// `SALAD_SERIAL_PORTS`: colon-separated globs of serial devices to watch
+    /// (default `/dev/ttyUSB*:/dev/ttyACM*`).
+    pub salad_serial_globs: Vec<String>,
+    /// `SERGENT_HARTMAN_BOOT_COUNT`: training rounds; 0 = ready at registration; negative
+    /// disables registration, training and quick checks (default 100).
+    pub hartman_boot_count: i64,
+    /// `SERGENT_HARTMAN_QUALIFYING_BOOT_COUNT`: passing rounds needed (default 100).
+    pub hartman_qualifying_boot_count: u32,
+    /// `SERGENT_HARTMAN_REGISTRATION_RETRIAL_DELAY`: pause before training again after a
+    /// failed training (default 120 s).
+    pub hartman_retrial_delay: Duration,
+    /// `SERGENT_HARTMAN_QUICK_CHECK`: boot-check DUTs after a gateway reboot or an
+    /// activation (default enabled).
+    pub hartman_quick_check: bool,
+    /// `BOOTS_DEFAULT_*`: every default boot variable, by its full name.
+    pub boots_defaults: BTreeMap<String, String>,
+    /// `CONSOLE_PATTERN_DEFAULT_MACHINE_UNFIT_FOR_SERVICE_REGEX`: farm-wide unfit pattern.
+    pub default_unfit_regex: Option<String>,
+    /// `EXECUTOR_BOOTLOOP_JOB`: job template of training rounds and quick checks
+    /// (default: the built-in one).
+    pub bootloop_job: Option<PathBuf>,
+    /// `FARMGATE_ADMIN_TOKEN` (or `_FILE`): bearer token of admin actions.
+    pub admin_token: Option<String>,
+    /// `FARMGATE_SUBMIT_TOKEN` (or `_FILE`): bearer token for job submission; the admin
+    /// token works too.
+    pub submit_token: Option<String>,
+    /// `FARMGATE_RUNNER_EXE`: program run for each job (default: this executable).
+    pub runner_exe: Option<PathBuf>,
+    /// `EXECUTOR_JOB__*` variables, lower-cased without the prefix, for job templates.
+    pub job_env: BTreeMap<String, String>,
+}
+
+/// Default of `BOOTS_DEFAULT_CMDLINE`, as seed 001 gives it.
+pub const DEFAULT_BOOT_CMDLINE: &str = "b2c.container=\"-ti --tls-verify=false docker://ci-gateway:8002/gfx-ci/ci-tron/machine-registration:latest register\" b2c.ntp_peer=\"ci-gateway\" b2c.cache_device=none loglevel=6";
+
+impl GatewayConfig {
+    /// Read the configuration of this process's environment.
+    pub fn from_process_env() -> Result<GatewayConfig, ConfigError> {
+        GatewayConfig::from_env(&std::env::vars().collect())
+    }
+
+    /// Read the configuration from a map of variables.
+    pub fn from_env(env: &BTreeMap<String, String>) -> Result<GatewayConfig, ConfigError> {
+        let get = |name: &str| env.get(name).filter(|v| !v.is_empty()).cloned();
+        let farm_name = get("FARM_NAME").ok_or(ConfigError::Missing {
+            name: "FARM_NAME",
+            hint: "give your farm a name, e.g. FARM_NAME=myfarm",
+        })?;
+        if !farm_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "FARM_NAME",
+                &farm_name,
+                "use letters, digits, '-' and '_' only",
+            ));
+        }
+        let mut boots_defaults = BTreeMap::new();
+        let mut job_env = BTreeMap::new();
+        for (k, v) in env {
+            if k.starts_with("BOOTS_DEFAULT_") {
+                boots_defaults.insert(k.clone(), v.clone());
+            }
+            if let Some(rest) = k.strip_prefix("EXECUTOR_JOB__") {
+                job_env.insert(rest.to_lowercase(), v.clone());
+            }
+        }
+        let default_unfit_regex = get("CONSOLE_PATTERN_DEFAULT_MACHINE_UNFIT_FOR_SERVICE_REGEX");
+        if let Some(re) = &default_unfit_regex {
+            regex::bytes::Regex::new(re).map_err(|e| {
+                invalid(
+                    "CONSOLE_PATTERN_DEFAULT_MACHINE_UNFIT_FOR_SERVICE_REGEX",
+                    re,
+                    &e.to_string(),
+                )
+            })?;
+        }
+        Ok(GatewayConfig {
+            farm_name,
+            executor_host: parse_or(env, "EXECUTOR_HOST", "0.0.0.0".parse().expect("valid"))?,
+            executor_port: parse_or(env, "EXECUTOR_PORT", 80)?,
+            executor_url: get("EXECUTOR_URL").unwrap_or_else(|| "http://ci-gateway".into()),
+            mars_db_file: get("MARS_DB_FILE")
+                .unwrap_or_else(|| "/config/mars_db.yaml".into())
+                .into(),
+            state_dir: get("FARMGATE_STATE_DIR")
+                .unwrap_or_else(|| "/var/lib/farmgate".into())
+                .into(),
+            salad_url: get("SALAD_URL").unwrap_or_else(|| "http://ci-gateway:8005".into()),
+            salad_port: parse_or(env, "SALAD_PORT", 8005)?,
+            salad_serial_globs: get("SALAD_SERIAL_PORTS")
+                .unwrap_or_else(|| "/dev/ttyUSB*:/dev/ttyACM*".into())
+                .split(':')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+            hartman_boot_count: parse_or(env, "SERGENT_HARTMAN_BOOT_COUNT", 100)?,
+            hartman_qualifying_boot_count: parse_or(
+                env,
+                "SERGENT_HARTMAN_QUALIFYING_BOOT_COUNT",
+                100,
+            )?,
+            hartman_retrial_delay: Duration::from_secs_f64(parse_or(
+                env,
+                "SERGENT_HARTMAN_REGISTRATION_RETRIAL_DELAY",
+                120.0,
+            )?),
+            hartman_quick_check: parse_bool(env, "SERGENT_HARTMAN_QUICK_CHECK", true)?,
+            boots_defaults,
+            default_unfit_regex,
+            bootloop_job: get("EXECUTOR_BOOTLOOP_JOB").map(PathBuf::from),
+            admin_token: secret(env, "FARMGATE_ADMIN_TOKEN")?,
+            submit_token: secret(env, "FARMGATE_SUBMIT_TOKEN")?,
+            runner_exe: get("FARMGATE_RUNNER_EXE").map(PathBuf::from),
+            job_env,
+        })
+    }
+
+    /// The SQLite database file.
+    pub fn database_path(&self) -> PathBuf {
+        self.state_dir.join("farmgate.sqlite")
+    }
+
+    /// Directory of the per-DUT lock files held by job runners.
+    pub fn locks_dir(&self) -> PathBuf {
+        self.state_dir.join("locks")
+    }
+
+    /// Directory of the job runners' own logs.
+    pub fn runner_logs_dir(&self) -> PathBuf {
+        self.state_dir.join("runners")
+    }
+
+    /// Resolve one `BOOTS_DEFAULT_*` value (`KERNEL`, `INITRD` or `CMDLINE`) with seed 001's
+    /// chain: bootloader+arch+platform, arch+platform, bootloader+arch, arch, bootloader,
+    /// then the plain variable, then the built-in default.
+    pub fn boot_default(
+        &self,
+        what: &str,
+        bootloader: Option<&str>,
+        arch: Option<&str>,
+        platform: Option<&str>,
+    ) -> Option<String> {
+        let mut candidates = Vec::new();
+        let parts: [(bool, bool, bool); 6] = [
+            (true, true, true),
+            (false, true, true),
+            (true, true, false),
+            (false, true, false),
+            (true, false, false),
+            (false, false, false),
+        ];
+        for (use_bl, use_arch, use_platform) in parts {
+            let mut name = String::from("BOOTS_DEFAULT_");
+            if use_bl {
+                match bootloader {
+                    Some(b) => name.push_str(&format!("{}_", b.to_uppercase())),
+                    None => continue,
+                }
+            }
+            if use_arch {
+                match arch {
+                    Some(a) => name.push_str(&format!("{}_", a.to_uppercase())),
+                    None => continue,
+                }
+            }
+            if use_platform {
+                match platform {
+                    Some(p) => name.push_str(&format!("{}_", p.to_uppercase())),
+                    None => continue,
+                }
+            }
+            name.push_str(what);
+            candidates.push(name);
+        }
+        for name in candidates {
+            if let Some(v) = self.boots_defaults.get(&name) {
+                return Some(v.clone());
+            }
+        }
+        match what {
+            "KERNEL" => Some("http://ci-gateway:9000/boot/default_kernel".into()),
+            "INITRD" => Some("http://ci-gateway:9000/boot/default_boot2container.cpio.xz".into()),
+            "CMDLINE" => Some(DEFAULT_BOOT_CMDLINE.into()),
+            _ => None,
+        }
+    }
+}
+
+fn invalid(name: &str, value: &str, why: &str) -> ConfigError {
+    ConfigError::Invalid {
+        name: name.into(),
+        value: value.into(),
+        why: why.into(),
+    }
+}
+
+fn parse_or<T: std::str::FromStr>(
+    env: &BTreeMap<String, String>,
+    name: &str,
+    default: T,
+) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match env.get(name).filter(|v| !v.is_empty()) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|e: T::Err| invalid(name, v, &e.to_string())),
+    }
+}
+
+fn parse_bool(
+    env: &BTreeMap<String, String>,
+    name: &str,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match env.get(name).map(|v| v.trim().to_lowercase()) {
+        None => Ok(default),
+        Some(v) => match v.as_str() {
+            "" => Ok(default),
+            "1" | "true" | "yes" | "on" | "enabled" | "enable" => Ok(true),
+            "0" | "false" | "no" | "off" | "disabled" | "disable" => Ok(false),
+            _ => Err(invalid(
+                name,
+                &v,
+                "expected enabled/disabled, true/false, yes/no or 1/0",
+            )),
+        },
+    }
+}
+
+/// A secret from `NAME` or from the file named by `NAME_FILE`.
+fn secret(env: &BTreeMap<String, String>, name: &str) -> Result<Option<String>, ConfigError> {
+    if let Some(v) = env.get(name).filter(|v| !v.is_empty()) {
+        return Ok(Some(v.clone()));
+    }
+    let file_var = format!("{name}_FILE");
+    match env.get(&file_var).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(path) => std::fs::read_to_string(path)
+            .map(|s| Some(s.trim().to_string()))
+            .map_err(|source| ConfigError::SecretFile {
+                name: file_var,
+                path: path.clone(),
+                source,
+            }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn seed_defaults_apply() {
+        let c = GatewayConfig::from_env(&env(&[("FARM_NAME", "farm")])).expect("valid");
+        assert_eq!(c.executor_port, 80);
+        assert_eq!(c.salad_port, 8005);
+        assert_eq!(c.mars_db_file, PathBuf::from("/config/mars_db.yaml"));
+        assert_eq!(c.hartman_boot_count, 100);
+        assert_eq!(c.hartman_qualifying_boot_count, 100);
+        assert_eq!(c.hartman_retrial_delay, Duration::from_secs(120));
+        assert!(c.hartman_quick_check);
+        assert_eq!(
+            c.boot_default("CMDLINE", None, None, None).as_deref(),
+            Some(DEFAULT_BOOT_CMDLINE)
+        );
+    }
+
+    #[test]
+    fn missing_farm_name_is_named() {
+        let e = GatewayConfig::from_env(&env(&[])).expect_err("must fail");
+        assert!(e.to_string().starts_with("FARM_NAME is not set"), "{e}");
+    }
+
+    #[test]
+    fn bad_numbers_name_the_variable() {
+        let e = GatewayConfig::from_env(&env(&[("FARM_NAME", "f"), ("EXECUTOR_PORT", "eighty")]))
+            .expect_err("must fail");
+        assert_eq!(
+            e.to_string(),
+            "EXECUTOR_PORT=\"eighty\": invalid digit found in string"
+        );
+        let e = GatewayConfig::from_env(&env(&[
+            ("FARM_NAME", "f"),
+            ("SERGENT_HARTMAN_QUICK_CHECK", "maybe"),
+        ]))
+        .expect_err("must fail");
+        assert!(e.to_string().contains("SERGENT_HARTMAN_QUICK_CHECK"), "{e}");
+    }
+
+    #[test]
+    fn boot_default_chain_follows_seed_order() {
+        let c = GatewayConfig::from_env(&env(&[
+            ("FARM_NAME", "f"),
+            ("BOOTS_DEFAULT_X86_64_KERNEL", "x86"),
+            ("BOOTS_DEFAULT_ARM64_EFI_KERNEL", "arm-efi"),
+            ("BOOTS_DEFAULT_IPXE_ARM64_EFI_KERNEL", "ipxe-arm-efi"),
+            ("BOOTS_DEFAULT_KERNEL", "generic"),
+            ("BOOTS_DEFAULT_IPXE_CMDLINE", "ipxe-cmdline"),
+        ]))
+        .expect("valid");
+        let k = |bl, a, p| c.boot_default("KERNEL", bl, a, p);
+        assert_eq!(
+            k(Some("IPXE"), Some("ARM64"), Some("EFI")).as_deref(),
+            Some("ipxe-arm-efi")
+        );
+        assert_eq!(k(None, Some("ARM64"), Some("EFI")).as_deref(), Some("arm-efi"));
+        assert_eq!(k(Some("IPXE"), Some("ARM64"), Some("PCBIOS")).as_deref(), Some("generic"));
+        assert_eq!(k(Some("IPXE"), Some("X86_64"), Some("EFI")).as_deref(), Some("x86"));
+        assert_eq!(
+            c.boot_default("CMDLINE", Some("IPXE"), Some("X86_64"), None)
+                .as_deref(),
+            Some("ipxe-cmdline")
+        );
+    }
+
+    #[test]
+    fn secrets_come_from_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tok");
+        std::fs::write(&path, "s3cret\n").expect("write");
+        let c = GatewayConfig::from_env(&env(&[
+            ("FARM_NAME", "f"),
+            ("FARMGATE_ADMIN_TOKEN_FILE", path.to_str().expect("utf8")),
+        ]))
+        .expect("valid");
+        assert_eq!(c.admin_token.as_deref(), Some("s3cret"));
+    }
+}

@@ -1,0 +1,1693 @@
+//! The daemon side of the executor: queue, dispatch, DUT state machine, Sergeant Hartman.
+//!
+//! One [`Executor`] per gateway. It owns the in-memory view of every DUT's runtime state
+//! (mirrored to the store on each change), the FIFO queue of waiting user jobs, and the
+//! MaRS file. It never runs a job itself: it assigns a job to a DUT, writes what the job
+//! needs into the store and starts a runner process (see `runner.rs`), then learns the
+//! result from the store when that process exits, whether the daemon saw it exit or
+//! found it finished after a restart.
+//!
+//! The HTTP layer calls the typed methods here (`submit`, `patch_dut`, `cancel_on_dut`,
+//! ...) and maps [`ExecError`] to status codes; nothing here knows HTTP.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use farmgate_job::RenderContext;
+use farmgate_store::{DutRuntime, JobRow, MarsFile, NewJob, SqliteStore, Store};
+use farmgate_wire::{
+    DiscoverRequest, DiscoverState, DutList, DutPatch, DutRecord, DutRegistration, DutState,
+    DutView, EventKind, FullState, JobAccepted, JobEvent, JobKind, JobMetadata, JobState,
+    JobStatus, JobTarget, JobView, MarsDb, PduList, PduView, PortPatch, PortState, PortView,
+    TrainingProgress,
+};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::GatewayConfig;
+use crate::runner::unfit_key;
+use crate::spawn::{ChildSpec, spawn_detached};
+use crate::spec::{RunnerSpec, dut_lock_held};
+
+/// The built-in boot-loop job of training rounds and quick checks.
+pub const BUILTIN_BOOTLOOP_JOB: &str = include_str!("../job_templates/bootloop.yml.j2");
+
+/// Default timeout of a discovery, in seconds (seed 001).
+pub const DEFAULT_DISCOVERY_TIMEOUT: f64 = 150.0;
+
+/// Why a request to the executor failed; the API maps each to a status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The request is malformed (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The named thing does not exist (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// No DUT of the farm matches the job's target, busy or not (406).
+    #[error("{0}")]
+    NoMatch(String),
+    /// Matching DUTs exist but all are busy, and the client did not ask to wait (409).
+    #[error("{0}")]
+    Busy(String),
+    /// The request conflicts with the current state (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// Something failed on our side (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<farmgate_store::StoreError> for ExecError {
+    fn from(e: farmgate_store::StoreError) -> Self {
+        ExecError::Internal(format!("database: {e}"))
+    }
+}
+
+/// A user job waiting for a DUT.
+#[derive(Debug, Clone)]
+struct QueuedJob {
+    job_id: String,
+    target: JobTarget,
+    deadline: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+struct Discovery {
+    pdu: String,
+    port_id: String,
+    start: DateTime<Utc>,
+    deadline: DateTime<Utc>,
+}
+
+/// Scheduling state, behind one lock: every decision about a DUT is taken holding it.
+#[derive(Debug, Default)]
+struct Sched {
+    duts: BTreeMap<String, DutRuntime>,
+    queue: VecDeque<QueuedJob>,
+    /// After a failed training, the DUT trains again only after this time.
+    training_paused_until: HashMap<String, tokio::time::Instant>,
+    discovery: Option<Discovery>,
+}
+
+struct Inner {
+    config: GatewayConfig,
+    store: Arc<dyn Store>,
+    mars_file: MarsFile,
+    mars: Mutex<Arc<MarsDb>>,
+    /// Serialises writers of the MaRS file (REST edits, registrations, training results).
+    mars_write: Mutex<()>,
+    sched: Mutex<Sched>,
+    wake: Notify,
+    finished_tx: mpsc::UnboundedSender<String>,
+    bootloop_template: String,
+    mars_watcher: Mutex<Option<farmgate_store::MarsWatcher>>,
+}
+
+/// The executor service; cheap to clone.
+#[derive(Clone)]
+pub struct Executor {
+    inner: Arc<Inner>,
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of our locks is a bug; keep serving rather than cascade.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The id of this boot of the machine, to tell a gateway reboot from a daemon restart.
+fn machine_boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+impl Executor {
+    /// Open the store and the MaRS file, recover from a previous run, and start the
+    /// background loops. They stop when `shutdown` is cancelled; running jobs do not.
+    pub async fn start(
+        config: GatewayConfig,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Executor> {
+        std::fs::create_dir_all(&config.state_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", config.state_dir.display()))?;
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_path())?);
+        let mars_file = MarsFile::new(config.mars_db_file.clone());
+        let mars = mars_file.load()?;
+        MarsFile::validate(&mars)?;
+        let bootloop_template = match &config.bootloop_job {
+            Some(path) => std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("EXECUTOR_BOOTLOOP_JOB: cannot read {}: {e}", path.display())
+            })?,
+            None => BUILTIN_BOOTLOOP_JOB.to_string(),
+        };
+        let (finished_tx, finished_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            config,
+            store,
+            mars_file: MarsFile::new(mars_file.path().to_path_buf()),
+            mars: Mutex::new(Arc::new(mars)),
+            mars_write: Mutex::new(()),
+            sched: Mutex::new(Sched::default()),
+            wake: Notify::new(),
+            finished_tx,
+            bootloop_template,
+            mars_watcher: Mutex::new(None),
+        });
+        let exec = Executor { inner };
+        exec.recover()?;
+
+        // Admin edits of the MaRS file.
+        let (mars_tx, mut mars_rx) = watch::channel(exec.mars());
+        let watcher = farmgate_store::watch(
+            mars_file,
+            Duration::from_millis(500),
+            mars_tx,
+            shutdown.clone(),
+        );
+        *lock(&exec.inner.mars_watcher) = Some(watcher);
+        let e = exec.clone();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = sd.cancelled() => return,
+                    changed = mars_rx.changed() => {
+                        if changed.is_err() { return; }
+                        let db = mars_rx.borrow_and_update().clone();
+                        tracing::info!("MaRS DB file changed, applying it");
+                        *lock(&e.inner.mars) = db;
+                        e.settle_all();
+                    }
+                }
+            }
+        });
+
+        // Runner exits seen by this daemon.
+        let e = exec.clone();
+        let sd = shutdown.clone();
+        let mut finished_rx = finished_rx;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = sd.cancelled() => return,
+                    job = finished_rx.recv() => match job {
+                        Some(job_id) => e.on_runner_exit(&job_id),
+                        None => return,
+                    },
+                }
+            }
+        });
+
+        // Periodic reconciliation: runners that died or finished while we were away,
+        // deadlines, discovery timeouts, paused training.
+        let e = exec.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => e.reconcile(),
+                    _ = e.inner.wake.notified() => {}
+                }
+                e.dispatch();
+            }
+        });
+        exec.dispatch();
+        Ok(exec)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.inner.config
+    }
+
+    /// The store (for the API's read-only job queries).
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.inner.store.clone()
+    }
+
+    /// The MaRS DB as last loaded or written.
+    pub fn mars(&self) -> Arc<MarsDb> {
+        lock(&self.inner.mars).clone()
+    }
+
+    fn hartman_enabled(&self) -> bool {
+        self.inner.config.hartman_boot_count >= 0
+    }
+
+    /// Rebuild the in-memory state from the store and the MaRS file after a (re)start.
+    fn recover(&self) -> anyhow::Result<()> {
+        let store = &self.inner.store;
+        let boot_id = machine_boot_id();
+        let same_boot = store.kv_get("gateway_boot_id")?.as_deref() == Some(boot_id.as_str());
+        store.kv_set("gateway_boot_id", Some(&boot_id))?;
+        let saved = store.all_dut_runtime()?;
+        let mars = self.mars();
+        let mut s = lock(&self.inner.sched);
+        for (id, record) in &mars.duts {
+            let id = id.to_lowercase();
+            let rt = match saved.get(&id) {
+                Some(rt) if rt.current_job.is_some() => rt.clone(),
+                Some(rt) if same_boot => rt.clone(),
+                _ => DutRuntime {
+                    state: self.start_state(record),
+                    current_job: None,
+                    training: None,
+                },
+            };
+            s.duts.insert(id, rt);
+        }
+        for job in store.queued_jobs()? {
+            if job.kind == JobKind::User {
+                s.queue.push_back(QueuedJob {
+                    job_id: job.job_id.clone(),
+                    target: job.target.clone(),
+                    deadline: job.deadline,
+                });
+            }
+        }
+        if let Some(d) = store.kv_get("discovery")? {
+            if let Ok(d) = serde_json::from_str::<DiscoverState>(&d) {
+                if let (Some(pdu), Some(port_id), Some(start), Some(deadline)) =
+                    (d.pdu, d.port_id, d.start_date, d.deadline)
+                {
+                    if let (Ok(start), Ok(deadline)) = (
+                        DateTime::parse_from_rfc3339(&start),
+                        DateTime::parse_from_rfc3339(&deadline),
+                    ) {
+                        s.discovery = Some(Discovery {
+                            pdu,
+                            port_id,
+                            start: start.with_timezone(&Utc),
+                            deadline: deadline.with_timezone(&Utc),
+                        });
+                    }
+                }
+            }
+        }
+        for (id, rt) in &s.duts {
+            store.set_dut_runtime(id, rt)?;
+        }
+        tracing::info!(
+            duts = s.duts.len(),
+            queued = s.queue.len(),
+            same_boot,
+            "executor state recovered"
+        );
+        Ok(())
+    }
+
+    /// The START node of seed 001's state machine.
+    fn start_state(&self, record: &DutRecord) -> DutState {
+        if record.is_retired {
+            DutState::Retired
+        } else if !self.hartman_enabled() {
+            DutState::Idle
+        } else if !record.ready_for_service {
+            DutState::Training
+        } else if self.inner.config.hartman_quick_check {
+            DutState::QuickCheck
+        } else {
+            DutState::Idle
+        }
+    }
+
+    fn save_rt(&self, id: &str, rt: &DutRuntime) {
+        if let Err(e) = self.inner.store.set_dut_runtime(id, rt) {
+            tracing::error!(dut_id = id, "cannot save DUT state: {e}");
+        }
+    }
+
+    fn set_state(&self, s: &mut Sched, id: &str, state: DutState) {
+        if let Some(rt) = s.duts.get_mut(id) {
+            if rt.state != state {
+                tracing::info!(dut_id = id, from = %rt.state, to = %state, "DUT state change");
+                rt.state = state;
+                if state != DutState::Training && state != DutState::QuickCheck {
+                    rt.training = None;
+                }
+            }
+            let rt = rt.clone();
+            self.save_rt(id, &rt);
+        }
+    }
+
+    /// Apply the MaRS records to every DUT that is not busy (admin edits, REST patches).
+    fn settle_all(&self) {
+        let mars = self.mars();
+        let mut s = lock(&self.inner.sched);
+        // DUTs removed from the file.
+        let gone: Vec<String> = s
+            .duts
+            .keys()
+            .filter(|id| !mars.duts.keys().any(|k| k.eq_ignore_ascii_case(id)))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(rt) = s.duts.remove(&id) {
+                if let Some(job) = rt.current_job {
+                    self.request_cancel(&job);
+                }
+            }
+            let _ = self.inner.store.delete_dut_runtime(&id);
+            tracing::info!(dut_id = %id, "DUT removed from the MaRS DB");
+        }
+        for (id, record) in &mars.duts {
+            let id = id.to_lowercase();
+            if !s.duts.contains_key(&id) {
+                let rt = DutRuntime {
+                    state: self.start_state(record),
+                    current_job: None,
+                    training: None,
+                };
+                tracing::info!(dut_id = %id, state = %rt.state, "new DUT");
+                self.save_rt(&id, &rt);
+                s.duts.insert(id, rt);
+                continue;
+            }
+            self.settle(&mut s, &id, record);
+        }
+        drop(s);
+        self.inner.wake.notify_one();
+    }
+
+    /// Seed 001 transitions driven by the DUT's record, for a DUT without a job.
+    fn settle(&self, s: &mut Sched, id: &str, record: &DutRecord) {
+        let Some(rt) = s.duts.get(id) else { return };
+        if rt.current_job.is_some() {
+            return; // decided when the job ends
+        }
+        let state = rt.state;
+        let next = if record.is_retired {
+            DutState::Retired
+        } else if !self.hartman_enabled() {
+            DutState::Idle
+        } else if state == DutState::Retired {
+            // Activate: back through the quick check (or training when not ready).
+            if !record.ready_for_service {
+                DutState::Training
+            } else if self.inner.config.hartman_quick_check {
+                DutState::QuickCheck
+            } else {
+                DutState::Idle
+            }
+        } else if !record.ready_for_service {
+            DutState::Training
+        } else if state == DutState::Training {
+            DutState::Idle
+        } else {
+            state
+        };
+        self.set_state(s, id, next);
+    }
+
+    /// Find the MaRS record of a machine id, case-insensitively.
+    fn record_of(mars: &MarsDb, id: &str) -> Option<(String, DutRecord)> {
+        mars.duts
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(id))
+            .map(|(k, v)| (k.clone(), v.clone()))
+    }
+
+    /// `FARM_NAME-base_name-N`, N counting DUTs of the same base name in id order.
+    fn full_name(&self, mars: &MarsDb, id: &str) -> String {
+        let Some((key, record)) = Self::record_of(mars, id) else {
+            return id.to_string();
+        };
+        let base = record.base_name.clone().unwrap_or_else(|| "dut".into());
+        let n = mars
+            .duts
+            .iter()
+            .filter(|(_, r)| r.base_name.as_deref().unwrap_or("dut") == base)
+            .position(|(k, _)| *k == key)
+            .unwrap_or(0)
+            + 1;
+        format!("{}-{}-{}", self.inner.config.farm_name, base, n)
+    }
+
+    fn usable(record: &DutRecord) -> bool {
+        record.pdu.is_some() && record.pdu_port_id.is_some()
+    }
+
+    // ----- dispatch -----------------------------------------------------------------
+
+    /// Start what can start: Sergeant Hartman's rounds, then queued user jobs in order.
+    pub fn dispatch(&self) {
+        let mars = self.mars();
+        let mut s = lock(&self.inner.sched);
+        let now_i = tokio::time::Instant::now();
+        // Training rounds and quick checks.
+        let trainees: Vec<String> = s
+            .duts
+            .iter()
+            .filter(|(_, rt)| {
+                rt.current_job.is_none()
+                    && matches!(rt.state, DutState::Training | DutState::QuickCheck)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in trainees {
+            if s.training_paused_until.get(&id).is_some_and(|t| *t > now_i) {
+                continue;
+            }
+            let Some((_, record)) = Self::record_of(&mars, &id) else {
+                continue;
+            };
+            if !Self::usable(&record) {
+                continue;
+            }
+            self.start_hartman_round(&mut s, &mars, &id, &record);
+        }
+
+        // User jobs, FIFO; a job that matches no idle DUT does not block later ones.
+        let mut idle: Vec<String> = s
+            .duts
+            .iter()
+            .filter(|(_, rt)| rt.state == DutState::Idle && rt.current_job.is_none())
+            .map(|(id, _)| id.clone())
+            .filter(|id| Self::record_of(&mars, id).is_some_and(|(_, r)| Self::usable(&r)))
+            .collect();
+        if idle.is_empty() || s.queue.is_empty() {
+            return;
+        }
+        let mut i = 0;
+        while i < s.queue.len() && !idle.is_empty() {
+            let job = s.queue[i].clone();
+            let pick = idle.iter().position(|id| {
+                Self::record_of(&mars, id).is_some_and(|(_, r)| Self::matches(&job.target, id, &r))
+            });
+            match pick {
+                Some(pos) => {
+                    let dut_id = idle.swap_remove(pos);
+                    s.queue.remove(i);
+                    self.assign(&mut s, &mars, &job.job_id, &dut_id);
+                }
+                None => i += 1,
+            }
+        }
+    }
+
+    fn matches(target: &JobTarget, id: &str, record: &DutRecord) -> bool {
+        if let Some(want) = &target.id {
+            if !want.eq_ignore_ascii_case(id) {
+                return false;
+            }
+        }
+        record.has_all_tags(&target.tags)
+    }
+
+    fn start_hartman_round(&self, s: &mut Sched, mars: &MarsDb, id: &str, record: &DutRecord) {
+        let kind = if s.duts.get(id).map(|r| r.state) == Some(DutState::QuickCheck) {
+            JobKind::QuickCheck
+        } else {
+            JobKind::Training
+        };
+        let (total, needed) = match kind {
+            JobKind::QuickCheck => (1, 1),
+            _ => {
+                let total = self.inner.config.hartman_boot_count.max(0) as u32;
+                let needed = self.inner.config.hartman_qualifying_boot_count.min(total);
+                (total, needed)
+            }
+        };
+        if total == 0 {
+            // SERGENT_HARTMAN_BOOT_COUNT=0: ready as soon as registered.
+            self.mark_ready(s, id, true);
+            return;
+        }
+        let job_id = new_job_id(kind);
+        let new = NewJob {
+            job_id: job_id.clone(),
+            kind,
+            target: JobTarget {
+                id: Some(id.to_string()),
+                tags: vec![],
+            },
+            template: self.inner.bootloop_template.clone(),
+            metadata_json: "{}".into(),
+            submitted_at: now(),
+            deadline: None,
+            wait: true,
+        };
+        if let Err(e) = self.inner.store.insert_job(&new) {
+            tracing::error!(dut_id = id, "cannot queue a boot-loop round: {e}");
+            return;
+        }
+        if let Some(rt) = s.duts.get_mut(id) {
+            if rt.training.is_none() {
+                rt.training = Some(TrainingProgress {
+                    rounds_done: 0,
+                    rounds_passed: 0,
+                    rounds_total: total,
+                    rounds_needed: needed,
+                });
+            }
+        }
+        let _ = record;
+        self.assign(s, mars, &job_id, id);
+        if s.duts.get(id).is_some_and(|rt| rt.current_job.is_none()) {
+            // The round could not start (bad boot-loop job, missing PDU...): do not spin.
+            tracing::error!(dut_id = id, "boot-loop round {job_id} could not start; pausing training");
+            s.training_paused_until.insert(
+                id.to_string(),
+                tokio::time::Instant::now() + self.inner.config.hartman_retrial_delay,
+            );
+        }
+    }
+
+    /// Render the job for the DUT, record the assignment and start the runner.
+    fn assign(&self, s: &mut Sched, mars: &MarsDb, job_id: &str, dut_id: &str) {
+        let store = &self.inner.store;
+        let row = match store.get_job(job_id) {
+            Ok(Some(row)) => row,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(job_id, "cannot read job: {e}");
+                return;
+            }
+        };
+        let Some((_, record)) = Self::record_of(mars, dut_id) else {
+            return;
+        };
+        let metadata: JobMetadata = serde_json::from_str(&row.metadata_json).unwrap_or_default();
+        let ctx = self.render_context(dut_id, &record, &metadata);
+        let rendered = match farmgate_job::render_and_parse(&row.template, &ctx) {
+            Ok((text, _job)) => text,
+            Err(e) => {
+                let _ = store.finish_job(
+                    job_id,
+                    JobStatus::SetupFail,
+                    &format!("job description for {dut_id}: {e}"),
+                );
+                return;
+            }
+        };
+        let (Some(pdu_name), Some(port_id)) = (record.pdu.clone(), record.pdu_port_id.clone())
+        else {
+            return;
+        };
+        let Some(pdu) = mars.pdus.get(&pdu_name).cloned() else {
+            let _ = store.finish_job(
+                job_id,
+                JobStatus::SetupFail,
+                &format!("DUT {dut_id} names PDU {pdu_name}, which the MaRS DB does not define"),
+            );
+            return;
+        };
+        let spec = RunnerSpec {
+            job_id: job_id.to_string(),
+            kind: row.kind,
+            dut_id: dut_id.to_string(),
+            dut_name: self.full_name(mars, dut_id),
+            dut: record.clone(),
+            pdu_name,
+            pdu,
+            port_id,
+            salad_url: self.inner.config.salad_url.clone(),
+            locks_dir: self.inner.config.locks_dir(),
+            default_unfit_regex: self.inner.config.default_unfit_regex.clone(),
+        };
+        let spec_json = match serde_json::to_string(&spec) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::error!(job_id, "cannot encode runner spec: {e}");
+                return;
+            }
+        };
+        if let Err(e) = store.assign_job(job_id, dut_id, &rendered, &spec_json) {
+            tracing::error!(job_id, dut_id, "cannot assign job: {e}");
+            return;
+        }
+        let user_job = row.kind == JobKind::User;
+        if let Some(rt) = s.duts.get_mut(dut_id) {
+            rt.current_job = Some(job_id.to_string());
+            if user_job {
+                rt.state = DutState::Queued;
+            }
+            let rt = rt.clone();
+            self.save_rt(dut_id, &rt);
+        }
+        let _ = store.append_events(
+            job_id,
+            &[(
+                EventKind::Ctrl,
+                format!("Job assigned to {} ({dut_id})", spec.dut_name),
+            )],
+        );
+        match self.spawn_runner(job_id) {
+            Ok(()) => {
+                if user_job {
+                    self.set_state(s, dut_id, DutState::Running);
+                }
+            }
+            Err(e) => {
+                let _ = store.finish_job(
+                    job_id,
+                    JobStatus::SetupFail,
+                    &format!("cannot start the job runner process: {e}"),
+                );
+                self.job_over(s, job_id);
+            }
+        }
+    }
+
+    fn render_context(&self, dut_id: &str, record: &DutRecord, meta: &JobMetadata) -> RenderContext {
+        let c = &self.inner.config;
+        RenderContext::new()
+            .machine_id(dut_id)
+            .machine(record)
+            .http_url(&c.executor_url)
+            .environ(&meta.environ)
+            .executor_env_from_process()
+            .var(
+                "boots_default_kernel",
+                c.boot_default("KERNEL", Some("IPXE"), None, None)
+                    .unwrap_or_default(),
+            )
+            .var(
+                "boots_default_initrd",
+                c.boot_default("INITRD", Some("IPXE"), None, None)
+                    .unwrap_or_default(),
+            )
+            .var(
+                "boots_default_cmdline",
+                c.boot_default("CMDLINE", Some("IPXE"), None, None)
+                    .unwrap_or_default(),
+            )
+    }
+
+    fn spawn_runner(&self, job_id: &str) -> std::io::Result<()> {
+        let c = &self.inner.config;
+        let exe = match &c.runner_exe {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?,
+        };
+        let spec = ChildSpec {
+            program: exe,
+            args: vec![
+                "run-job".into(),
+                "--database".into(),
+                c.database_path().display().to_string(),
+                "--job-id".into(),
+                job_id.into(),
+            ],
+            cwd: c.state_dir.clone(),
+            env: vec![],
+            log_file: c.runner_logs_dir().join(format!("{job_id}.log")),
+        };
+        let mut child = spawn_detached(&spec)?;
+        if let Some(pid) = child.id() {
+            let _ = self.inner.store.set_runner_pid(job_id, pid as i32);
+        }
+        let tx = self.inner.finished_tx.clone();
+        let id = job_id.to_string();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            tracing::debug!(job_id = %id, ?status, "job runner exited");
+            let _ = tx.send(id);
+        });
+        Ok(())
+    }
+
+    // ----- end of jobs --------------------------------------------------------------
+
+    fn on_runner_exit(&self, job_id: &str) {
+        let mut s = lock(&self.inner.sched);
+        match self.inner.store.get_job(job_id) {
+            Ok(Some(row)) if row.state != JobState::Finished => {
+                // The runner is gone without writing a result.
+                let _ = self.inner.store.finish_job(
+                    job_id,
+                    JobStatus::Incomplete,
+                    "the job runner process exited without a result (see its log in the state directory)",
+                );
+            }
+            _ => {}
+        }
+        self.job_over(&mut s, job_id);
+        drop(s);
+        self.inner.wake.notify_one();
+    }
+
+    /// A job of a DUT is finished in the store: move the DUT on.
+    fn job_over(&self, s: &mut Sched, job_id: &str) {
+        let row = match self.inner.store.get_job(job_id) {
+            Ok(Some(row)) => row,
+            _ => return,
+        };
+        let Some(dut_id) = row.dut_id.clone() else {
+            return;
+        };
+        let Some(rt) = s.duts.get_mut(&dut_id) else {
+            return;
+        };
+        if rt.current_job.as_deref() != Some(job_id) {
+            return; // already handled
+        }
+        rt.current_job = None;
+        let unfit = self
+            .inner
+            .store
+            .kv_get(&unfit_key(job_id))
+            .ok()
+            .flatten()
+            .is_some();
+        let status = row.status.unwrap_or(JobStatus::Unknown);
+        tracing::info!(job_id, dut_id = %dut_id, %status, "job over");
+        let mars = self.mars();
+        let Some((_, record)) = Self::record_of(&mars, &dut_id) else {
+            return;
+        };
+        match row.kind {
+            JobKind::User => {
+                if unfit && self.hartman_enabled() {
+                    self.mark_ready(s, &dut_id, false);
+                } else {
+                    self.set_state(s, &dut_id, DutState::Idle);
+                    self.settle(s, &dut_id, &record);
+                }
+            }
+            JobKind::QuickCheck => {
+                if status.is_success() && !unfit {
+                    self.set_state(s, &dut_id, DutState::Idle);
+                    self.settle(s, &dut_id, &record);
+                } else {
+                    self.mark_ready(s, &dut_id, false);
+                }
+            }
+            JobKind::Training => {
+                let rt = s.duts.get_mut(&dut_id).expect("checked above");
+                let mut p = rt.training.unwrap_or(TrainingProgress {
+                    rounds_done: 0,
+                    rounds_passed: 0,
+                    rounds_total: self.inner.config.hartman_boot_count.max(1) as u32,
+                    rounds_needed: self.inner.config.hartman_qualifying_boot_count,
+                });
+                p.rounds_done += 1;
+                if status.is_success() && !unfit {
+                    p.rounds_passed += 1;
+                }
+                rt.training = Some(p);
+                let rt_copy = rt.clone();
+                self.save_rt(&dut_id, &rt_copy);
+                let left = p.rounds_total.saturating_sub(p.rounds_done);
+                if p.rounds_passed >= p.rounds_needed {
+                    tracing::info!(dut_id = %dut_id, passed = p.rounds_passed, done = p.rounds_done, "training passed");
+                    self.mark_ready(s, &dut_id, true);
+                } else if p.rounds_passed + left < p.rounds_needed {
+                    tracing::warn!(dut_id = %dut_id, passed = p.rounds_passed, done = p.rounds_done, "training failed; training again later");
+                    if let Some(rt) = s.duts.get_mut(&dut_id) {
+                        rt.training = None;
+                        let rt = rt.clone();
+                        self.save_rt(&dut_id, &rt);
+                    }
+                    s.training_paused_until.insert(
+                        dut_id.clone(),
+                        tokio::time::Instant::now() + self.inner.config.hartman_retrial_delay,
+                    );
+                    self.settle(s, &dut_id, &record);
+                }
+            }
+        }
+        let rt = s.duts.get(&dut_id).cloned();
+        if let Some(rt) = rt {
+            self.save_rt(&dut_id, &rt);
+        }
+    }
+
+    /// Write `ready_for_service` to the MaRS file and move the DUT accordingly.
+    fn mark_ready(&self, s: &mut Sched, dut_id: &str, ready: bool) {
+        let result = self.edit_mars(|db| {
+            if let Some((key, _)) = Self::record_of(db, dut_id) {
+                if let Some(r) = db.duts.get_mut(&key) {
+                    r.ready_for_service = ready;
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            tracing::error!(dut_id, "cannot update the MaRS DB: {e}");
+        }
+        let mars = self.mars();
+        if let Some((_, record)) = Self::record_of(&mars, dut_id) {
+            if let Some(rt) = s.duts.get_mut(dut_id) {
+                rt.training = None;
+                // Leave TRAINING/QUICK_CHECK so settle() recomputes from the record.
+                rt.state = if ready {
+                    DutState::Idle
+                } else {
+                    DutState::Training
+                };
+                let rt = rt.clone();
+                self.save_rt(dut_id, &rt);
+            }
+            self.settle(s, dut_id, &record);
+        }
+    }
+
+    /// Edit the MaRS DB: apply `f`, validate, write the file atomically.
+    fn edit_mars(
+        &self,
+        f: impl FnOnce(&mut MarsDb) -> Result<(), ExecError>,
+    ) -> Result<Arc<MarsDb>, ExecError> {
+        let _guard = lock(&self.inner.mars_write);
+        let mut db = (*self.mars()).clone();
+        f(&mut db)?;
+        MarsFile::validate(&db).map_err(|e| ExecError::BadRequest(e.to_string()))?;
+        self.inner
+            .mars_file
+            .save(&db)
+            .map_err(|e| ExecError::Internal(e.to_string()))?;
+        if let (Some(w), Some(stamp)) = (
+            lock(&self.inner.mars_watcher).as_ref(),
+            self.inner.mars_file.stamp(),
+        ) {
+            w.note_own_write(stamp);
+        }
+        let db = Arc::new(db);
+        *lock(&self.inner.mars) = db.clone();
+        Ok(db)
+    }
+
+    /// Periodic checks: dead runners, runners that finished while we were away, queue
+    /// deadlines, discovery timeout.
+    fn reconcile(&self) {
+        let store = &self.inner.store;
+        let running = match store.running_jobs() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("cannot list running jobs: {e}");
+                return;
+            }
+        };
+        let locks = self.inner.config.locks_dir();
+        for row in running {
+            let Some(dut_id) = row.dut_id.clone() else {
+                continue;
+            };
+            let held = dut_lock_held(&locks, &dut_id).unwrap_or(true);
+            if held {
+                continue;
+            }
+            // Re-read: the runner may have finished between the listing and the lock test.
+            let Ok(Some(row)) = store.get_job(&row.job_id) else {
+                continue;
+            };
+            if row.state == JobState::Finished {
+                continue;
+            }
+            if row.runner_started {
+                let _ = store.finish_job(
+                    &row.job_id,
+                    JobStatus::Incomplete,
+                    "the job runner process died (its DUT lock was released without a result)",
+                );
+                let mut s = lock(&self.inner.sched);
+                self.job_over(&mut s, &row.job_id);
+            } else if row.runner_pid.is_none() {
+                // Assigned, but the daemon stopped before starting its runner.
+                tracing::warn!(job_id = %row.job_id, "restarting the runner of an assigned job");
+                if let Err(e) = self.spawn_runner(&row.job_id) {
+                    let _ = store.finish_job(
+                        &row.job_id,
+                        JobStatus::SetupFail,
+                        &format!("cannot start the job runner process: {e}"),
+                    );
+                }
+            } else if let Some(started) = row.started_at.or(Some(row.submitted_at)) {
+                // Spawned, but never took its lock: give it 30 s before calling it dead.
+                if now() - started > chrono::Duration::seconds(30) {
+                    let _ = store.finish_job(
+                        &row.job_id,
+                        JobStatus::Incomplete,
+                        "the job runner process never started",
+                    );
+                    let mut s = lock(&self.inner.sched);
+                    self.job_over(&mut s, &row.job_id);
+                }
+            }
+        }
+        // Jobs the daemon believes running but that are finished in the store.
+        let mut s = lock(&self.inner.sched);
+        let current: Vec<String> = s
+            .duts
+            .values()
+            .filter_map(|rt| rt.current_job.clone())
+            .collect();
+        for job_id in current {
+            if let Ok(Some(row)) = store.get_job(&job_id) {
+                if row.state == JobState::Finished {
+                    self.job_over(&mut s, &job_id);
+                }
+            }
+        }
+        // Deadlines of queued jobs.
+        let t = now();
+        let expired: Vec<String> = s
+            .queue
+            .iter()
+            .filter(|j| j.deadline.is_some_and(|d| d <= t))
+            .map(|j| j.job_id.clone())
+            .collect();
+        for id in expired {
+            s.queue.retain(|j| j.job_id != id);
+            let _ = store.finish_job(
+                &id,
+                JobStatus::SetupFail,
+                "the job's deadline passed before a DUT was free",
+            );
+        }
+        // Discovery timeout.
+        if s.discovery.as_ref().is_some_and(|d| d.deadline <= t) {
+            let d = s.discovery.take().expect("checked");
+            let _ = store.kv_set("discovery", None);
+            tracing::warn!(pdu = %d.pdu, port_id = %d.port_id, "discovery timed out: no machine registered");
+            self.power_port_later(&d.pdu, &d.port_id, PortState::Off);
+        }
+    }
+
+    fn request_cancel(&self, job_id: &str) {
+        let store = &self.inner.store;
+        let _ = store.request_cancel(job_id);
+        if let Ok(Some(row)) = store.get_job(job_id) {
+            if let Some(pid) = row.runner_pid {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+    }
+
+    // ----- API commands -------------------------------------------------------------
+
+    /// Queue a job (`POST /api/v1/jobs`).
+    pub fn submit(&self, template: &str, metadata: JobMetadata) -> Result<JobAccepted, ExecError> {
+        // Check the template renders and parses before accepting it, with the values of
+        // a placeholder machine; it is rendered again for the DUT it runs on.
+        let placeholder = DutRecord::default();
+        let ctx = self.render_context("00:00:00:00:00:00", &placeholder, &metadata);
+        let (_, job) = farmgate_job::render_and_parse(template, &ctx)
+            .map_err(|e| ExecError::BadRequest(format!("job description: {e}")))?;
+        let target = metadata.target.clone().unwrap_or(job.target.clone());
+        let job_id = match &metadata.job_id {
+            Some(id) => {
+                if id.is_empty()
+                    || id.len() > 128
+                    || !id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    return Err(ExecError::BadRequest(format!(
+                        "job id {id:?}: use 1 to 128 letters, digits, '-', '_' or '.'"
+                    )));
+                }
+                id.clone()
+            }
+            None => new_job_id(JobKind::User),
+        };
+        let mars = self.mars();
+        let mut s = lock(&self.inner.sched);
+        if let Some(id) = &target.id {
+            if Self::record_of(&mars, id).is_none() {
+                return Err(ExecError::NotFound(format!(
+                    "no machine with id {id} in this farm"
+                )));
+            }
+        }
+        let candidates: Vec<String> = mars
+            .duts
+            .iter()
+            .filter(|(id, r)| {
+                Self::matches(&target, id, r)
+                    && Self::usable(r)
+                    && !r.is_retired
+                    && (r.ready_for_service || !self.hartman_enabled())
+            })
+            .map(|(id, _)| id.to_lowercase())
+            .collect();
+        if candidates.is_empty() {
+            return Err(ExecError::NoMatch(format!(
+                "no machine of this farm that is in service matches the target (id: {}, tags: [{}])",
+                target.id.as_deref().unwrap_or("any"),
+                target.tags.join(", ")
+            )));
+        }
+        let free = candidates.iter().any(|id| {
+            s.duts
+                .get(id)
+                .is_some_and(|rt| rt.state == DutState::Idle && rt.current_job.is_none())
+        });
+        if !free && !metadata.wait {
+            return Err(ExecError::Busy(format!(
+                "all {} matching machine(s) are busy; submit with --wait to queue",
+                candidates.len()
+            )));
+        }
+        let new = NewJob {
+            job_id: job_id.clone(),
+            kind: JobKind::User,
+            target: target.clone(),
+            template: template.to_string(),
+            metadata_json: serde_json::to_string(&metadata)
+                .map_err(|e| ExecError::Internal(e.to_string()))?,
+            submitted_at: now(),
+            deadline: job.deadline,
+            wait: metadata.wait,
+        };
+        self.inner.store.insert_job(&new).map_err(|e| match e {
+            farmgate_store::StoreError::DuplicateJob { .. } => {
+                ExecError::Conflict(format!("a job with id {job_id} already exists"))
+            }
+            e => ExecError::from(e),
+        })?;
+        let _ = self.inner.store.append_events(
+            &job_id,
+            &[(EventKind::Ctrl, format!("Job {job_id} queued"))],
+        );
+        s.queue.push_back(QueuedJob {
+            job_id: job_id.clone(),
+            target,
+            deadline: job.deadline,
+        });
+        drop(s);
+        self.dispatch();
+        let row = self.inner.store.get_job(&job_id)?;
+        Ok(JobAccepted {
+            job_id,
+            dut_id: row.as_ref().and_then(|r| r.dut_id.clone()),
+            state: row.map(|r| r.state).unwrap_or(JobState::Queued),
+        })
+    }
+
+    /// `GET /api/v1/job/<id>`.
+    pub fn job(&self, job_id: &str) -> Result<JobView, ExecError> {
+        self.inner
+            .store
+            .get_job(job_id)?
+            .map(|r| r.view())
+            .ok_or_else(|| ExecError::NotFound(format!("no job {job_id}")))
+    }
+
+    /// The full row of a job (for the boot script and the API).
+    pub fn job_row(&self, job_id: &str) -> Result<JobRow, ExecError> {
+        self.inner
+            .store
+            .get_job(job_id)?
+            .ok_or_else(|| ExecError::NotFound(format!("no job {job_id}")))
+    }
+
+    /// `GET /api/v1/jobs`.
+    pub fn jobs(&self, state: Option<JobState>, limit: usize) -> Result<Vec<JobView>, ExecError> {
+        Ok(self
+            .inner
+            .store
+            .list_jobs(state, limit)?
+            .iter()
+            .map(|r| r.view())
+            .collect())
+    }
+
+    /// Events of a job after `after` (`GET /api/v1/job/<id>/events`).
+    pub fn events(&self, job_id: &str, after: i64, limit: usize) -> Result<Vec<JobEvent>, ExecError> {
+        Ok(self.inner.store.events_after(job_id, after, limit)?)
+    }
+
+    /// Cancel a job, queued or running.
+    pub fn cancel_job(&self, job_id: &str) -> Result<(), ExecError> {
+        let row = self.job_row(job_id)?;
+        match row.state {
+            JobState::Finished => Err(ExecError::Conflict(format!("job {job_id} is already over"))),
+            JobState::Queued => {
+                let mut s = lock(&self.inner.sched);
+                s.queue.retain(|j| j.job_id != job_id);
+                self.inner.store.finish_job(
+                    job_id,
+                    JobStatus::Incomplete,
+                    "job cancelled before it started",
+                )?;
+                Ok(())
+            }
+            JobState::Running => {
+                self.request_cancel(job_id);
+                Ok(())
+            }
+        }
+    }
+
+    /// `POST /api/v1/dut/<id>/cancel_job`.
+    pub fn cancel_on_dut(&self, dut_id: &str) -> Result<Option<String>, ExecError> {
+        let s = lock(&self.inner.sched);
+        let rt = s
+            .duts
+            .get(&dut_id.to_lowercase())
+            .ok_or_else(|| ExecError::NotFound(format!("no machine with id {dut_id}")))?;
+        let job = rt.current_job.clone();
+        drop(s);
+        if let Some(job) = &job {
+            self.request_cancel(job);
+        }
+        Ok(job)
+    }
+
+    fn view_of(&self, mars: &MarsDb, s: &Sched, id: &str, record: &DutRecord) -> DutView {
+        let rt = s.duts.get(&id.to_lowercase());
+        DutView {
+            id: id.to_string(),
+            full_name: self.full_name(mars, id),
+            state: rt.map(|r| r.state).unwrap_or(DutState::Idle),
+            current_job: rt.and_then(|r| r.current_job.clone()),
+            training: rt.and_then(|r| r.training),
+            record: record.clone(),
+        }
+    }
+
+    /// `GET /api/v1/duts`.
+    pub fn duts(&self) -> DutList {
+        let mars = self.mars();
+        let s = lock(&self.inner.sched);
+        DutList {
+            duts: mars
+                .duts
+                .iter()
+                .map(|(id, r)| (id.clone(), self.view_of(&mars, &s, id, r)))
+                .collect(),
+        }
+    }
+
+    /// `GET /api/v1/dut/<id>`.
+    pub fn dut(&self, id: &str) -> Result<DutView, ExecError> {
+        let mars = self.mars();
+        let s = lock(&self.inner.sched);
+        let (key, record) = Self::record_of(&mars, id)
+            .ok_or_else(|| ExecError::NotFound(format!("no machine with id {id}")))?;
+        Ok(self.view_of(&mars, &s, &key, &record))
+    }
+
+    /// `PATCH /api/v1/dut/<id>`.
+    pub fn patch_dut(&self, id: &str, patch: DutPatch) -> Result<DutView, ExecError> {
+        if let Some(d) = patch.pdu_off_delay {
+            if !(d.is_finite() && d >= 0.0) {
+                return Err(ExecError::BadRequest(format!(
+                    "pdu_off_delay {d}: expected a number of seconds >= 0"
+                )));
+            }
+        }
+        self.edit_mars(|db| {
+            let (key, _) = Self::record_of(db, id)
+                .ok_or_else(|| ExecError::NotFound(format!("no machine with id {id}")))?;
+            let r = db.duts.get_mut(&key).expect("found above");
+            if let Some(v) = patch.comment {
+                r.comment = Some(v);
+            }
+            if let Some(v) = patch.is_retired {
+                r.is_retired = v;
+            }
+            if let Some(v) = patch.pdu_off_delay {
+                r.pdu_off_delay = v;
+            }
+            if let Some(v) = patch.ready_for_service {
+                r.ready_for_service = v;
+            }
+            if let Some(v) = patch.manual_tags {
+                r.manual_tags = v;
+            }
+            if let Some(v) = patch.pdu {
+                r.pdu = Some(v);
+            }
+            if let Some(v) = patch.pdu_port_id {
+                r.pdu_port_id = Some(v);
+            }
+            Ok(())
+        })?;
+        self.settle_all();
+        self.dut(id)
+    }
+
+    /// `DELETE /api/v1/dut/<id>`.
+    pub fn delete_dut(&self, id: &str) -> Result<(), ExecError> {
+        self.edit_mars(|db| {
+            let (key, _) = Self::record_of(db, id)
+                .ok_or_else(|| ExecError::NotFound(format!("no machine with id {id}")))?;
+            db.duts.remove(&key);
+            Ok(())
+        })?;
+        self.settle_all();
+        Ok(())
+    }
+
+    /// `POST /api/v1/dut/` (registration by the machine itself). A new machine takes the
+    /// PDU port of the discovery in progress; a known one gets its generated fields
+    /// updated (seed 001: manual fields are never set here).
+    pub fn register_dut(&self, reg: DutRegistration) -> Result<DutView, ExecError> {
+        let id = reg.id.trim().to_lowercase();
+        if !is_mac(&id) {
+            return Err(ExecError::BadRequest(format!(
+                "id {:?}: expected a MAC address like 52:54:00:11:22:0a",
+                reg.id
+            )));
+        }
+        let discovery = lock(&self.inner.sched).discovery.clone();
+        let mut took_discovery = false;
+        self.edit_mars(|db| {
+            let key = Self::record_of(db, &id).map(|(k, _)| k);
+            let r = match key {
+                Some(k) => db.duts.get_mut(&k).expect("found"),
+                None => {
+                    let r = db.duts.entry(id.clone()).or_default();
+                    r.first_seen = Some(now().format("%Y-%m-%d %H:%M:%S%.6f").to_string());
+                    if let Some(d) = &discovery {
+                        r.pdu = Some(d.pdu.clone());
+                        r.pdu_port_id = Some(d.port_id.clone());
+                        took_discovery = true;
+                    }
+                    r
+                }
+            };
+            if reg.base_name.is_some() {
+                r.base_name = reg.base_name.clone();
+            }
+            if reg.ip_address.is_some() {
+                r.ip_address = reg.ip_address.clone();
+            }
+            r.tags = reg.tags.clone();
+            if reg.local_tty_device.is_some() {
+                r.local_tty_device = reg.local_tty_device.clone();
+            }
+            Ok(())
+        })?;
+        if took_discovery {
+            let mut s = lock(&self.inner.sched);
+            if let Some(d) = s.discovery.take() {
+                let _ = self.inner.store.kv_set("discovery", None);
+                tracing::info!(dut_id = %id, pdu = %d.pdu, port_id = %d.port_id, "discovered machine registered");
+                self.power_port_later(&d.pdu, &d.port_id, PortState::Off);
+            }
+        }
+        self.settle_all();
+        self.dut(&id)
+    }
+
+    /// `GET /api/v1/dut/discover`.
+    pub fn discovery(&self) -> DiscoverState {
+        let s = lock(&self.inner.sched);
+        match &s.discovery {
+            None => DiscoverState::default(),
+            Some(d) => DiscoverState {
+                pdu: Some(d.pdu.clone()),
+                port_id: Some(d.port_id.clone()),
+                start_date: Some(d.start.to_rfc3339()),
+                deadline: Some(d.deadline.to_rfc3339()),
+            },
+        }
+    }
+
+    /// `POST /api/v1/dut/discover`: power the port on and wait for a machine to register.
+    pub fn start_discovery(&self, req: DiscoverRequest) -> Result<DiscoverState, ExecError> {
+        let mars = self.mars();
+        let pdu = mars.pdus.get(&req.pdu).ok_or_else(|| {
+            ExecError::NotFound(format!("no PDU named {} in the MaRS DB", req.pdu))
+        })?;
+        if pdu.reserved_port_ids.contains(&req.port_id) {
+            return Err(ExecError::Conflict(format!(
+                "port {} of PDU {} is reserved",
+                req.port_id, req.pdu
+            )));
+        }
+        if let Some((id, _)) = mars.duts.iter().find(|(_, r)| {
+            r.pdu.as_deref() == Some(req.pdu.as_str())
+                && r.pdu_port_id.as_deref() == Some(req.port_id.as_str())
+        }) {
+            return Err(ExecError::Conflict(format!(
+                "port {} of PDU {} already powers machine {id}",
+                req.port_id, req.pdu
+            )));
+        }
+        let timeout = req.timeout.unwrap_or(DEFAULT_DISCOVERY_TIMEOUT);
+        if !(timeout.is_finite() && timeout > 0.0) {
+            return Err(ExecError::BadRequest(format!(
+                "timeout {timeout}: expected a positive number of seconds"
+            )));
+        }
+        let start = now();
+        let d = Discovery {
+            pdu: req.pdu.clone(),
+            port_id: req.port_id.clone(),
+            start,
+            deadline: start + chrono::Duration::milliseconds((timeout * 1000.0) as i64),
+        };
+        {
+            let mut s = lock(&self.inner.sched);
+            if s.discovery.is_some() {
+                return Err(ExecError::Conflict(
+                    "a discovery is already in progress; DELETE /api/v1/dut/discover first".into(),
+                ));
+            }
+            s.discovery = Some(d);
+        }
+        let state = self.discovery();
+        let _ = self.inner.store.kv_set(
+            "discovery",
+            serde_json::to_string(&state).ok().as_deref(),
+        );
+        self.power_port_later(&req.pdu, &req.port_id, PortState::On);
+        Ok(state)
+    }
+
+    /// `DELETE /api/v1/dut/discover`.
+    pub fn stop_discovery(&self) {
+        let d = lock(&self.inner.sched).discovery.take();
+        let _ = self.inner.store.kv_set("discovery", None);
+        if let Some(d) = d {
+            self.power_port_later(&d.pdu, &d.port_id, PortState::Off);
+        }
+    }
+
+    fn power_port_later(&self, pdu_name: &str, port_id: &str, state: PortState) {
+        let mars = self.mars();
+        let Some(record) = mars.pdus.get(pdu_name).cloned() else {
+            return;
+        };
+        let pdu_name = pdu_name.to_string();
+        let port_id = port_id.to_string();
+        let store = self.inner.store.clone();
+        tokio::spawn(async move {
+            match farmgate_pdu::driver_for(&pdu_name, &record) {
+                Ok(driver) => match driver.set(&port_id, state).await {
+                    Ok(()) => {
+                        if state == PortState::Off {
+                            let _ = store.record_port_shutdown(&pdu_name, &port_id, now());
+                        }
+                    }
+                    Err(e) => tracing::error!("cannot switch {pdu_name} port {port_id} {state}: {e}"),
+                },
+                Err(e) => tracing::error!("{e}"),
+            }
+        });
+    }
+
+    /// `GET /api/v1/dut/<id>/quick_check`: whether a quick check is queued or running.
+    pub fn quick_check_pending(&self, id: &str) -> Result<bool, ExecError> {
+        let s = lock(&self.inner.sched);
+        let rt = s
+            .duts
+            .get(&id.to_lowercase())
+            .ok_or_else(|| ExecError::NotFound(format!("no machine with id {id}")))?;
+        Ok(rt.state == DutState::QuickCheck)
+    }
+
+    /// `POST /api/v1/dut/<id>/quick_check`: queue a quick check (when the DUT is idle).
+    pub fn queue_quick_check(&self, id: &str) -> Result<bool, ExecError> {
+        let mut s = lock(&self.inner.sched);
+        let key = id.to_lowercase();
+        let rt = s
+            .duts
+            .get(&key)
+            .ok_or_else(|| ExecError::NotFound(format!("no machine with id {id}")))?;
+        match rt.state {
+            DutState::QuickCheck => Ok(true),
+            DutState::Idle if rt.current_job.is_none() => {
+                self.set_state(&mut s, &key, DutState::QuickCheck);
+                drop(s);
+                self.inner.wake.notify_one();
+                Ok(true)
+            }
+            other => Err(ExecError::Conflict(format!(
+                "machine {id} is {other}; a quick check can be queued only when it is IDLE"
+            ))),
+        }
+    }
+
+    /// The iPXE script a DUT gets when it netboots (`/api/v1/dut/<id>/boot.ipxe`).
+    pub fn boot_script(&self, mac: &str) -> Result<String, ExecError> {
+        let id = mac.to_lowercase();
+        let current = lock(&self.inner.sched)
+            .duts
+            .get(&id)
+            .and_then(|rt| rt.current_job.clone());
+        if let Some(job_id) = current {
+            let row = self.job_row(&job_id)?;
+            if let Some(rendered) = &row.rendered {
+                let job = farmgate_job::parse(rendered)
+                    .map_err(|e| ExecError::Internal(format!("job {job_id}: {e}")))?;
+                let step = job.deployment.for_boot(row.boot_index.saturating_sub(1));
+                return crate::bootscript::render(&job_id, row.boot_index, &step)
+                    .map_err(ExecError::BadRequest);
+            }
+        }
+        let known = Self::record_of(&self.mars(), &id).is_some();
+        let discovering = lock(&self.inner.sched).discovery.is_some();
+        if !known || discovering {
+            let c = &self.inner.config;
+            let kernel = c.boot_default("KERNEL", Some("IPXE"), None, None).unwrap_or_default();
+            let initrd = c.boot_default("INITRD", Some("IPXE"), None, None);
+            let cmdline = c.boot_default("CMDLINE", Some("IPXE"), None, None).unwrap_or_default();
+            return Ok(crate::bootscript::render_default(&kernel, initrd.as_deref(), &cmdline));
+        }
+        Err(ExecError::NotFound(format!(
+            "machine {id} has no job running: nothing to boot"
+        )))
+    }
+
+    // ----- PDUs ---------------------------------------------------------------------
+
+    async fn pdu_view(&self, mars: &MarsDb, name: &str) -> Result<PduView, ExecError> {
+        let record = mars
+            .pdus
+            .get(name)
+            .ok_or_else(|| ExecError::NotFound(format!("no PDU named {name}")))?;
+        let mut view = PduView {
+            name: name.to_string(),
+            driver: record.driver.clone(),
+            ports: BTreeMap::new(),
+            error: None,
+        };
+        let driver = match farmgate_pdu::driver_for(name, record) {
+            Ok(d) => d,
+            Err(e) => {
+                view.error = Some(e.to_string());
+                return Ok(view);
+            }
+        };
+        let ports = match tokio::time::timeout(Duration::from_secs(5), driver.ports()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                view.error = Some(e.to_string());
+                return Ok(view);
+            }
+            Err(_) => {
+                view.error = Some(format!("PDU {name} did not answer within 5 s"));
+                return Ok(view);
+            }
+        };
+        for port_id in ports {
+            let state = tokio::time::timeout(Duration::from_secs(5), driver.get(&port_id))
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or(PortState::Unknown);
+            let dut = mars.duts.iter().find(|(_, r)| {
+                r.pdu.as_deref() == Some(name) && r.pdu_port_id.as_deref() == Some(&port_id)
+            });
+            let last = self
+                .inner
+                .store
+                .last_port_shutdown(name, &port_id)
+                .ok()
+                .flatten();
+            view.ports.insert(
+                port_id.clone(),
+                PortView {
+                    port_id: port_id.clone(),
+                    label: dut.map(|(id, _)| self.full_name(mars, id)),
+                    state,
+                    reserved: record.reserved_port_ids.contains(&port_id),
+                    min_off_time: dut
+                        .map(|(_, r)| r.pdu_off_delay)
+                        .unwrap_or(farmgate_wire::DEFAULT_PDU_OFF_DELAY),
+                    last_shutdown: last.map(|t| t.to_rfc3339()),
+                },
+            );
+        }
+        Ok(view)
+    }
+
+    /// `GET /api/v1/pdus`.
+    pub async fn pdus(&self) -> PduList {
+        let mars = self.mars();
+        let mut list = PduList::default();
+        for name in mars.pdus.keys() {
+            if let Ok(v) = self.pdu_view(&mars, name).await {
+                list.pdus.insert(name.clone(), v);
+            }
+        }
+        list
+    }
+
+    /// `GET /api/v1/pdu/<name>`.
+    pub async fn pdu(&self, name: &str) -> Result<PduView, ExecError> {
+        let mars = self.mars();
+        self.pdu_view(&mars, name).await
+    }
+
+    /// `GET /api/v1/pdu/<name>/port/<id>`.
+    pub async fn port(&self, name: &str, port_id: &str) -> Result<PortView, ExecError> {
+        let view = self.pdu(name).await?;
+        if let Some(e) = view.error {
+            return Err(ExecError::Internal(e));
+        }
+        view.ports
+            .get(port_id)
+            .cloned()
+            .ok_or_else(|| ExecError::NotFound(format!("PDU {name} has no port {port_id}")))
+    }
+
+    /// `PATCH /api/v1/pdu/<name>/port/<id>`.
+    pub async fn patch_port(
+        &self,
+        name: &str,
+        port_id: &str,
+        patch: PortPatch,
+    ) -> Result<PortView, ExecError> {
+        let mars = self.mars();
+        let record = mars
+            .pdus
+            .get(name)
+            .ok_or_else(|| ExecError::NotFound(format!("no PDU named {name}")))?
+            .clone();
+        let dut = mars
+            .duts
+            .iter()
+            .find(|(_, r)| r.pdu.as_deref() == Some(name) && r.pdu_port_id.as_deref() == Some(port_id))
+            .map(|(id, _)| id.clone());
+        if let Some(reserved) = patch.reserved {
+            self.edit_mars(|db| {
+                let p = db.pdus.get_mut(name).expect("checked");
+                p.reserved_port_ids.retain(|p| p != port_id);
+                if reserved {
+                    p.reserved_port_ids.push(port_id.to_string());
+                }
+                Ok(())
+            })?;
+        }
+        if let Some(min_off) = patch.min_off_time {
+            let dut = dut.clone().ok_or_else(|| {
+                ExecError::Conflict(format!(
+                    "no machine on {name} port {port_id}: min_off_time belongs to a machine"
+                ))
+            })?;
+            self.patch_dut(
+                &dut,
+                DutPatch {
+                    pdu_off_delay: Some(min_off),
+                    ..DutPatch::default()
+                },
+            )?;
+        }
+        if let Some(state) = patch.state {
+            let reserved_now = self
+                .mars()
+                .pdus
+                .get(name)
+                .is_some_and(|p| p.reserved_port_ids.iter().any(|p| p == port_id));
+            if reserved_now {
+                return Err(ExecError::Conflict(format!(
+                    "port {port_id} of PDU {name} is reserved; un-reserve it first"
+                )));
+            }
+            if let Some(dut) = &dut {
+                let busy = lock(&self.inner.sched)
+                    .duts
+                    .get(&dut.to_lowercase())
+                    .is_some_and(|rt| rt.current_job.is_some());
+                if busy {
+                    return Err(ExecError::Conflict(format!(
+                        "machine {dut} on port {port_id} is running a job; cancel it first"
+                    )));
+                }
+            }
+            if state == PortState::Unknown {
+                return Err(ExecError::BadRequest("state: expected on or off".into()));
+            }
+            let driver = farmgate_pdu::driver_for(name, &record)
+                .map_err(|e| ExecError::Internal(e.to_string()))?;
+            driver
+                .set(port_id, state)
+                .await
+                .map_err(|e| ExecError::Internal(e.to_string()))?;
+            if state == PortState::Off {
+                let _ = self.inner.store.record_port_shutdown(name, port_id, now());
+            }
+        }
+        self.port(name, port_id).await
+    }
+
+    /// `GET /api/v1/full-state`.
+    pub async fn full_state(&self) -> FullState {
+        FullState {
+            pdus: self.pdus().await.pdus,
+            duts: self.duts().duts,
+            discover: self.discovery(),
+        }
+    }
+
+    /// Paths a test or the demo may want to show the user.
+    pub fn runner_log_path(&self, job_id: &str) -> PathBuf {
+        self.inner
+            .config
+            .runner_logs_dir()
+            .join(format!("{job_id}.log"))
+    }
+}
+
+/// A new job id: kind prefix, UTC time, random suffix (sortable, unique).
+pub fn new_job_id(kind: JobKind) -> String {
+    use rand::Rng;
+    let prefix = match kind {
+        JobKind::User => "job",
+        JobKind::Training => "training",
+        JobKind::QuickCheck => "quickcheck",
+    };
+    let suffix: u32 = rand::rng().random();
+    format!("{prefix}-{}-{suffix:08x}", now().format("%Y%m%d%H%M%S%3f"))
+}
+
+/// `aa:bb:cc:dd:ee:ff`, hex digits in either case.
+pub fn is_mac(id: &str) -> bool {
+    let parts: Vec<&str> = id.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_are_unique_and_tagged_by_kind() {
+        let a = new_job_id(JobKind::User);
+        let b = new_job_id(JobKind::User);
+        assert_ne!(a, b);
+        assert!(a.starts_with("job-"));
+        assert!(new_job_id(JobKind::Training).starts_with("training-"));
+    }
+
+    #[test]
+    fn mac_check() {
+        assert!(is_mac("52:54:00:11:22:0a"));
+        assert!(is_mac("DE:AD:BE:EF:CA:FE"));
+        assert!(!is_mac("52:54:00:11:22"));
+        assert!(!is_mac("52:54:00:11:22:0g"));
+        assert!(!is_mac("../../etc/passwd"));
+    }
+}

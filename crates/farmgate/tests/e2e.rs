@@ -1,0 +1,422 @@
+//! End-to-end tests: the real daemon, the real farmctl, simulated DUTs speaking the
+//! gateway's real protocols (vpdu over TCP, console on ptys through SALAD, boot scripts
+//! over HTTP). Each test builds its own gateway.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use farmgate_testkit::Behaviour;
+use farmgate_wire::{DutState, JobStatus};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+fn code(s: JobStatus) -> Option<i32> {
+    Some(s.exit_code())
+}
+
+const PASS_FAIL_WARN: &str = r#"  job_success:
+    regex: "TESTS PASSED"
+  job_warn:
+    regex: "WARNING:"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_passes_and_console_is_streamed_live() {
+    let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim", "gpu:a"], true)).await;
+    let job = gw.write_job(
+        "pass.yml",
+        &sim_job("print running tests; print TESTS PASSED; poweroff", PASS_FAIL_WARN, ""),
+    );
+    let r = gw
+        .farmctl_run(&["run", path_str(&job)], LIMIT)
+        .await;
+    assert_eq!(r.code, code(JobStatus::Pass), "{}\n{}", r.all(), gw.logs());
+    assert!(r.stdout.contains("TESTS PASSED"), "{}", r.all());
+    assert!(r.stdout.contains("SALAD.machine_id=52:54:00:11:22:01"), "{}", r.all());
+    assert!(r.stderr.contains("power cycling"), "{}", r.all());
+    assert!(r.stderr.contains("finished: PASS"), "{}", r.all());
+    let d = gw.wait_state(1, DutState::Idle, LIMIT).await;
+    assert!(d.current_job.is_none());
+    // The DUT was switched on once for the job and off at teardown.
+    let log = gw.farm.power_log(1);
+    assert!(log.iter().any(|(_, on)| *on), "{log:?}");
+    assert_eq!(log.last().map(|(_, on)| *on), Some(false), "{log:?}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_fails_warns_and_completes() {
+    let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
+    let fail = gw.write_job("fail.yml", &sim_job("print 3 tests failed; poweroff", PASS_FAIL_WARN, ""));
+    let r = gw.farmctl_run(&["run", "-w", path_str(&fail)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Fail), "{}", r.all());
+
+    let warn = gw.write_job(
+        "warn.yml",
+        &sim_job("print WARNING: flaky; print TESTS PASSED; poweroff", PASS_FAIL_WARN, ""),
+    );
+    let r = gw.farmctl_run(&["run", "-w", path_str(&warn)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Warn), "{}", r.all());
+
+    let complete = gw.write_job("complete.yml", &sim_job("print hello; poweroff", "", ""));
+    let r = gw.farmctl_run(&["run", "-w", path_str(&complete)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Complete), "{}", r.all());
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_without_retries_end_the_job_incomplete() {
+    let gw = Gateway::start(
+        GatewayOptions::default()
+            .dut(1, &["sim"], true)
+            .behaviour(1, Behaviour::Dead),
+    )
+    .await;
+    // A dead machine prints nothing: first_console_activity expires.
+    let job = gw.write_job(
+        "dead.yml",
+        &sim_job(
+            "poweroff",
+            "",
+            "  first_console_activity:\n    seconds: 1\n",
+        ),
+    );
+    let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Incomplete), "{}", r.all());
+    assert!(
+        r.stderr.contains("first_console_activity timeout of 1.0 s expired"),
+        "{}",
+        r.all()
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_activity_and_boot_cycle_timeouts_retry_then_give_up() {
+    let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
+    // Goes silent after one line: console_activity expires, is retried once, expires again.
+    let job = gw.write_job(
+        "silent.yml",
+        &sim_job(
+            "print starting; hang",
+            "",
+            "  console_activity:\n    seconds: 1\n    retries: 1\n",
+        ),
+    );
+    let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Incomplete), "{}", r.all());
+    assert!(r.stderr.contains("retry 1 of 1 for console_activity"), "{}", r.all());
+    assert!(r.stderr.contains("all 1 retries of console_activity are used"), "{}", r.all());
+    assert_eq!(gw.farm.boot_count(1), 2, "booted once, retried once");
+
+    // The boot cycle never ends: boot_cycle expires, retried twice.
+    let job = gw.write_job(
+        "cycle.yml",
+        &sim_job(
+            "print alive; sleep 100; print alive; sleep 100; print alive; sleep 100; print alive; sleep 100; print alive; sleep 100; print alive; sleep 100; print alive; sleep 100; print alive; sleep 100; print alive; sleep 100; print alive; sleep 100; print alive; sleep 100; print alive; sleep 100; print alive; sleep 100; print alive; sleep 5000",
+            "",
+            "  boot_cycle:\n    seconds: 1\n    retries: 2\n",
+        ),
+    );
+    let before = gw.farm.boot_count(1);
+    let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Incomplete), "{}", r.all());
+    assert!(r.stderr.contains("retry 2 of 2 for boot_cycle"), "{}", r.all());
+    assert_eq!(gw.farm.boot_count(1) - before, 3);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_that_succeeds_uses_continue_deployment_and_overall_timeout() {
+    let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
+    // First boot hangs silently; the retry boots the `continue` deployment, which passes.
+    let job = r#"version: 1
+target:
+  tags: [sim]
+timeouts:
+  first_console_activity:
+    seconds: 5
+  console_activity:
+    seconds: 1
+    retries: 1
+console_patterns:
+  session_end:
+    regex: "reboot: Power Down"
+  job_success:
+    regex: "second boot ok"
+deployment:
+  start:
+    kernel:
+      url: "http://127.0.0.1:1/vmlinuz"
+      cmdline: 'farmsim.script="print first boot; hang"'
+  continue:
+    kernel:
+      url: "http://127.0.0.1:1/vmlinuz"
+      cmdline: 'farmsim.script="print second boot ok; poweroff"'
+"#;
+    let path = gw.write_job("continue.yml", job);
+    let r = gw.farmctl_run(&["run", path_str(&path)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Pass), "{}", r.all());
+    assert!(r.stdout.contains("first boot"), "{}", r.all());
+
+    // overall expires whatever the retries.
+    let path = gw.write_job(
+        "overall.yml",
+        &sim_job("print x; hang", "", "").replace("minutes: 2", "seconds: 2"),
+    );
+    let r = gw.farmctl_run(&["run", path_str(&path)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Incomplete), "{}", r.all());
+    assert!(r.stderr.contains("overall timeout of 2.0 s expired"), "{}", r.all());
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchdog_started_by_pattern_expires() {
+    let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
+    let job = r#"version: 1
+target:
+  tags: [sim]
+timeouts:
+  watchdogs:
+    heartbeat:
+      seconds: 1
+console_patterns:
+  session_end:
+    regex: "reboot: Power Down"
+  watchdogs:
+    heartbeat:
+      start:
+        regex: "HB start"
+      reset:
+        regex: "HB"
+      stop:
+        regex: "HB stop"
+deployment:
+  start:
+    kernel:
+      url: "http://127.0.0.1:1/vmlinuz"
+      cmdline: 'farmsim.script="print HB start; sleep 300; print HB; sleep 300; print HB; hang"'
+"#;
+    let path = gw.write_job("wd.yml", job);
+    let r = gw.farmctl_run(&["run", path_str(&path)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Incomplete), "{}", r.all());
+    assert!(r.stderr.contains("watchdog heartbeat timeout of 1.0 s expired"), "{}", r.all());
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_reboot_power_cycles_and_uses_a_retry() {
+    let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
+    let job = r#"version: 1
+target:
+  tags: [sim]
+timeouts:
+  boot_cycle:
+    minutes: 1
+    retries: 1
+console_patterns:
+  session_end:
+    regex: "reboot: Power Down"
+  session_reboot:
+    regex: "reboot: Restarting system"
+  job_success:
+    regex: "after reboot"
+deployment:
+  start:
+    kernel:
+      url: "http://127.0.0.1:1/vmlinuz"
+      cmdline: 'farmsim.script="print installing; reboot"'
+  continue:
+    kernel:
+      url: "http://127.0.0.1:1/vmlinuz"
+      cmdline: 'farmsim.script="print after reboot; poweroff"'
+"#;
+    let path = gw.write_job("reboot.yml", job);
+    let r = gw.farmctl_run(&["run", path_str(&path)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Pass), "{}", r.all());
+    assert!(r.stderr.contains("session_reboot pattern matched"), "{}", r.all());
+    assert!(r.stderr.contains("Boot 2"), "{}", r.all());
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfit_machine_goes_back_to_training_then_idle() {
+    let gw = Gateway::start(
+        GatewayOptions::default()
+            .dut(1, &["sim"], true)
+            .behaviour(1, Behaviour::Unfit)
+            .env(
+                "CONSOLE_PATTERN_DEFAULT_MACHINE_UNFIT_FOR_SERVICE_REGEX",
+                "HARDWARE ERROR",
+            ),
+    )
+    .await;
+    let job = gw.write_job("unfit.yml", &sim_job("print TESTS PASSED; poweroff", PASS_FAIL_WARN, ""));
+    let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Incomplete), "{}", r.all());
+    assert!(r.stderr.contains("machine_unfit_for_service"), "{}", r.all());
+    // Back to training; training keeps failing while the machine is unfit.
+    let d = gw.dut(1).await;
+    assert_eq!(d.state, DutState::Training, "{d:?}");
+    assert!(!gw.mars().duts[&mac(1)].ready_for_service);
+    // Repaired: training passes and the machine is in service again.
+    gw.farm.set_behaviour(1, Behaviour::Healthy);
+    gw.wait_state(1, DutState::Idle, LIMIT).await;
+    assert!(gw.mars().duts[&mac(1)].ready_for_service);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_machine_trains_then_serves() {
+    let gw = Gateway::start(
+        GatewayOptions::default()
+            .dut(2, &["sim"], false)
+            .env("SERGENT_HARTMAN_BOOT_COUNT", "3")
+            .env("SERGENT_HARTMAN_QUALIFYING_BOOT_COUNT", "3"),
+    )
+    .await;
+    let d = gw.dut(2).await;
+    assert!(
+        matches!(d.state, DutState::Training),
+        "a machine not ready for service trains first: {d:?}"
+    );
+    let d = gw.wait_state(2, DutState::Idle, LIMIT).await;
+    assert!(d.record.ready_for_service);
+    assert!(gw.mars().duts[&mac(2)].ready_for_service, "written to the MaRS file");
+    assert_eq!(gw.farm.boot_count(2), 3, "three boot-loop rounds");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_ends_a_running_job() {
+    let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
+    let job = gw.write_job("long.yml", &sim_job("print working; sleep 60000; poweroff", "", ""));
+    let child = gw
+        .farmctl(&["run", "-j", "long-job-1", path_str(&job)])
+        .spawn()
+        .expect("farmctl");
+    gw.wait_state(1, DutState::Running, LIMIT).await;
+    let r = gw.farmctl_run(&["cancel", "long-job-1"], LIMIT).await;
+    assert_eq!(r.code, Some(0), "{}", r.all());
+    let out = tokio::time::timeout(LIMIT, child.wait_with_output())
+        .await
+        .expect("farmctl ends")
+        .expect("output");
+    assert_eq!(out.status.code(), code(JobStatus::Incomplete));
+    let view = gw.job("long-job-1").await;
+    assert_eq!(view.status, Some(JobStatus::Incomplete));
+    assert!(view.reason.unwrap_or_default().contains("cancelled"));
+    gw.wait_state(1, DutState::Idle, LIMIT).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_matching_machine_and_busy_with_and_without_wait() {
+    let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
+    let job = gw.write_job("pass.yml", &sim_job("print TESTS PASSED; poweroff", PASS_FAIL_WARN, ""));
+    let r = gw
+        .farmctl_run(&["run", "-t", "no-such-gpu", path_str(&job)], LIMIT)
+        .await;
+    assert_eq!(r.code, Some(7), "{}", r.all());
+    assert!(r.stderr.contains("406"), "{}", r.all());
+    assert!(r.stderr.contains("no-such-gpu"), "{}", r.all());
+
+    let long = gw.write_job("long.yml", &sim_job("print busy; sleep 3000; poweroff", "", ""));
+    let first = gw.farmctl(&["run", path_str(&long)]).spawn().expect("farmctl");
+    gw.wait_state(1, DutState::Running, LIMIT).await;
+    let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
+    assert_eq!(r.code, Some(7), "busy without -w is refused: {}", r.all());
+    assert!(r.stderr.contains("409"), "{}", r.all());
+    // With -w, it waits for the machine and runs.
+    let r = gw.farmctl_run(&["run", "-w", path_str(&job)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Pass), "{}", r.all());
+    let out = first.wait_with_output().await.expect("first job");
+    assert_eq!(out.status.code(), code(JobStatus::Complete));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_killed_while_a_job_runs_loses_nothing() {
+    let mut gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
+    let job = gw.write_job(
+        "survive.yml",
+        &sim_job(
+            "print part one; sleep 4000; print part two; print TESTS PASSED; poweroff",
+            PASS_FAIL_WARN,
+            "",
+        ),
+    );
+    let child = gw
+        .farmctl(&["run", "-j", "survivor", path_str(&job)])
+        .spawn()
+        .expect("farmctl");
+    gw.wait_state(1, DutState::Running, LIMIT).await;
+    gw.kill_daemon();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gw.start_daemon().await;
+    let out = tokio::time::timeout(LIMIT, child.wait_with_output())
+        .await
+        .expect("farmctl ends")
+        .expect("output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        code(JobStatus::Pass),
+        "{stdout}\n{stderr}\n{}",
+        gw.logs()
+    );
+    assert!(stdout.contains("part two"), "{stdout}");
+    let view = gw.job("survivor").await;
+    assert_eq!(view.status, Some(JobStatus::Pass));
+    gw.wait_state(1, DutState::Idle, LIMIT).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_required_and_checked() {
+    let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
+    let job = gw.write_job("pass.yml", &sim_job("poweroff", "", ""));
+    let mut cmd = tokio::process::Command::new(farmctl_exe());
+    let out = cmd
+        .args(["--url", &gw.url(), "run", path_str(&job)])
+        .env_remove("FARMGATE_TOKEN")
+        .output()
+        .await
+        .expect("farmctl");
+    assert_eq!(out.status.code(), Some(7));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    let out = tokio::process::Command::new(farmctl_exe())
+        .args(["--url", &gw.url(), "--token", "wrong", "run", path_str(&job)])
+        .output()
+        .await
+        .expect("farmctl");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("403"));
+    // The submit token cannot retire a machine; the admin token can.
+    let r = gw.farmctl_run(&["retire", &mac(1)], LIMIT).await;
+    assert_eq!(r.code, Some(7), "{}", r.all());
+    let out = tokio::process::Command::new(farmctl_exe())
+        .args(["--url", &gw.url(), "--token", ADMIN, "retire", &mac(1)])
+        .output()
+        .await
+        .expect("farmctl");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    gw.wait_state(1, DutState::Retired, LIMIT).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_job_is_refused_with_the_line() {
+    let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
+    let job = gw.write_job(
+        "bad.yml",
+        "version: 1\nconsole_patterns:\n  session_end:\n    regex: x\ndeployment:\n  start:\n    kernel:\n      url: http://x/k\ntimeouts:\n  overall:\n    minutes: ten\n",
+    );
+    let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
+    assert_eq!(r.code, Some(7), "{}", r.all());
+    assert!(r.stderr.contains("400"), "{}", r.all());
+    assert!(r.stderr.contains("line 11"), "{}", r.all());
+    gw.stop().await;
+}
