@@ -1,1 +1,98 @@
-//! farmgate-pdu (being written).
+//! PDU drivers and the power-cycle helper.
+//!
+//! A PDU (power distribution unit) switches the power of the test machines. The MaRS DB
+//! describes each PDU with a driver name and a driver-specific `config` map;
+//! [`driver_for`] turns such a record into a [`PduDriver`]. Drivers:
+//!
+//! - `vpdu`: CI-tron's virtual PDU TCP protocol ([`vpdu`]); config `hostname` (default
+//!   `localhost`, may be `host:port`), `port` (default 9191), `timeout` (seconds, default 5).
+//! - `dummy`: in-memory ports that forget their state between processes ([`dummy`]);
+//!   config `ports` (count, default 16).
+//! - `shell`: shell command templates ([`shell`]); config `on`, `off`, `status`, `ports`,
+//!   `timeout`.
+//!
+//! Every network or process operation has a timeout, so a dead PDU never blocks forever.
+
+mod config;
+pub mod dummy;
+mod error;
+pub mod shell;
+pub mod vpdu;
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use farmgate_wire::{PduRecord, PortState};
+
+pub use error::PowerError;
+
+/// One PDU, able to list its ports and read and switch their power.
+#[async_trait]
+pub trait PduDriver: Send + Sync {
+    /// The driver name as written in the MaRS DB (`vpdu`, `dummy`, `shell`).
+    fn driver_name(&self) -> &str;
+    /// The ids of the PDU's ports.
+    async fn ports(&self) -> Result<Vec<String>, PowerError>;
+    /// The power state of a port (`Unknown` when the driver cannot read it back).
+    async fn get(&self, port_id: &str) -> Result<PortState, PowerError>;
+    /// Switches a port on or off (`Unknown` is refused).
+    async fn set(&self, port_id: &str, state: PortState) -> Result<(), PowerError>;
+}
+
+const DRIVER_NAMES: &[&str] = &["vpdu", "dummy", "shell"];
+
+/// The names of the drivers this build knows.
+pub fn driver_names() -> &'static [&'static str] {
+    DRIVER_NAMES
+}
+
+/// Builds the driver of the PDU `pdu_name` from its MaRS DB record.
+///
+/// An unknown driver or a bad configuration is an error naming the PDU, the driver and the
+/// offending configuration key. Nothing is contacted here: a PDU that is down only fails
+/// when it is used.
+pub fn driver_for(pdu_name: &str, record: &PduRecord) -> Result<Box<dyn PduDriver>, PowerError> {
+    let cfg = config::Cfg::new(pdu_name, &record.driver, &record.config);
+    Ok(match record.driver.as_str() {
+        "vpdu" => Box::new(vpdu::VpduDriver::from_config(&cfg)?),
+        "dummy" => Box::new(dummy::DummyDriver::from_config(&cfg)?),
+        "shell" => Box::new(shell::ShellDriver::from_config(&cfg)?),
+        other => {
+            return Err(PowerError::UnknownDriver {
+                pdu: pdu_name.to_string(),
+                driver: other.to_string(),
+                known: DRIVER_NAMES.join(", "),
+            });
+        }
+    })
+}
+
+/// Power-cycles a port: switches it off (unless `already_off_since` says it has been off
+/// since then), waits until it has been off for at least `min_off`, then switches it on.
+///
+/// `already_off_since` must only be given when the port is known to be off; the time it
+/// has been off already counts towards `min_off`.
+pub async fn power_cycle(
+    driver: &dyn PduDriver,
+    port_id: &str,
+    min_off: Duration,
+    already_off_since: Option<Instant>,
+) -> Result<(), PowerError> {
+    let off_since = match already_off_since {
+        Some(since) => since,
+        None => {
+            driver.set(port_id, PortState::Off).await?;
+            Instant::now()
+        }
+    };
+    let remaining = min_off.saturating_sub(off_since.elapsed());
+    if !remaining.is_zero() {
+        tracing::debug!(
+            port = port_id,
+            ?remaining,
+            "waiting for the minimum off time"
+        );
+        tokio::time::sleep(remaining).await;
+    }
+    driver.set(port_id, PortState::On).await
+}
