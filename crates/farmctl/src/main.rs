@@ -117,9 +117,10 @@ fn fail(code: u8, message: impl Into<String>) -> Failure {
 
 impl Client {
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let mut r = self
-            .http
-            .request(method, format!("{}{}", self.url.trim_end_matches('/'), path));
+        let mut r = self.http.request(
+            method,
+            format!("{}{}", self.url.trim_end_matches('/'), path),
+        );
         if let Some(t) = &self.token {
             r = r.bearer_auth(t);
         }
@@ -151,11 +152,12 @@ impl Client {
         &self,
         r: reqwest::RequestBuilder,
     ) -> Result<T, Failure> {
-        self.send(r)
-            .await?
-            .json()
-            .await
-            .map_err(|e| fail(EXIT_UNREACHABLE, format!("unreadable answer from the gateway: {e}")))
+        self.send(r).await?.json().await.map_err(|e| {
+            fail(
+                EXIT_UNREACHABLE,
+                format!("unreadable answer from the gateway: {e}"),
+            )
+        })
     }
 }
 
@@ -210,7 +212,7 @@ async fn run(client: &Client, command: Command) -> Result<u8, Failure> {
                 })?;
                 env.insert(k.to_string(), v.to_string());
             }
-            let target = (machine_id.is_some() || !machine_tags.is_empty()).then(|| JobTarget {
+            let target = (machine_id.is_some() || !machine_tags.is_empty()).then_some(JobTarget {
                 id: machine_id,
                 tags: machine_tags,
             });
@@ -230,7 +232,11 @@ async fn run(client: &Client, command: Command) -> Result<u8, Failure> {
                 )
                 .text("job", template);
             let accepted: JobAccepted = client
-                .json(client.req(reqwest::Method::POST, "/api/v1/jobs").multipart(form))
+                .json(
+                    client
+                        .req(reqwest::Method::POST, "/api/v1/jobs")
+                        .multipart(form),
+                )
                 .await?;
             ctrl(&format!(
                 "Job {} accepted ({}{})",
@@ -367,12 +373,11 @@ async fn follow(client: &Client, job_id: &str) -> Result<u8, Failure> {
                     }
                     EventKind::Ctrl => ctrl(&event.payload),
                     EventKind::SessionEnd => {
-                        let end: SessionEnd = serde_json::from_str(&event.payload).unwrap_or(
-                            SessionEnd {
+                        let end: SessionEnd =
+                            serde_json::from_str(&event.payload).unwrap_or(SessionEnd {
                                 status: JobStatus::Unknown,
                                 reason: event.payload.clone(),
-                            },
-                        );
+                            });
                         ctrl(&format!(
                             "Job {job_id} finished: {} ({})",
                             end.status, end.reason

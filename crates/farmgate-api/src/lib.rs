@@ -164,7 +164,9 @@ pub fn executor_router(exec: Executor, tokens: Tokens) -> Router {
         .route("/api/v1/dut/", post(register_dut).put(register_dut))
         .route(
             "/api/v1/dut/discover",
-            get(get_discover).post(post_discover).delete(delete_discover),
+            get(get_discover)
+                .post(post_discover)
+                .delete(delete_discover),
         )
         .route(
             "/api/v1/dut/{id}",
@@ -253,7 +255,11 @@ async fn delete_discover(State(st): State<AppState>, headers: HeaderMap) -> ApiR
 
 async fn boot_ipxe(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
     let script = st.exec.boot_script(&id)?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], script).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        script,
+    )
+        .into_response())
 }
 
 async fn get_quick_check(
@@ -318,10 +324,7 @@ struct JobsQuery {
     limit: Option<usize>,
 }
 
-async fn list_jobs(
-    State(st): State<AppState>,
-    Query(q): Query<JobsQuery>,
-) -> ApiResult<Response> {
+async fn list_jobs(State(st): State<AppState>, Query(q): Query<JobsQuery>) -> ApiResult<Response> {
     let state = match q.state.as_deref() {
         None => None,
         Some(s) => Some(
@@ -345,9 +348,10 @@ async fn submit_job(
     let mut metadata: Option<JobMetadata> = None;
     let mut job: Option<String> = None;
     loop {
-        let field = multipart.next_field().await.map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, format!("multipart body: {e}"))
-        })?;
+        let field = multipart
+            .next_field()
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("multipart body: {e}")))?;
         let Some(field) = field else { break };
         let name = field.name().unwrap_or_default().to_string();
         let data = field.bytes().await.map_err(|e| {
@@ -362,7 +366,10 @@ async fn submit_job(
                 if data.len() > MAX_JOB_SIZE {
                     return Err(ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
-                        format!("job part: {} bytes, the limit is {MAX_JOB_SIZE}", data.len()),
+                        format!(
+                            "job part: {} bytes, the limit is {MAX_JOB_SIZE}",
+                            data.len()
+                        ),
                     ));
                 }
                 job = Some(String::from_utf8(data.to_vec()).map_err(|e| {
@@ -512,7 +519,10 @@ async fn salad_machine(State(salad): State<Salad>, Path(id): Path<String>) -> Ap
         )
     })?;
     let info = salad.machine(&id).ok_or_else(|| {
-        ApiError::new(StatusCode::NOT_FOUND, format!("no console for machine {id}"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no console for machine {id}"),
+        )
     })?;
     Ok(json(&info))
 }

@@ -10,7 +10,9 @@ use farmgate_job::DeploymentStep;
 
 fn check(what: &str, value: &str) -> Result<(), String> {
     if value.chars().any(|c| c == '\n' || c == '\r' || c == '\0') {
-        return Err(format!("{what} contains a line break, which iPXE cannot take"));
+        return Err(format!(
+            "{what} contains a line break, which iPXE cannot take"
+        ));
     }
     Ok(())
 }

@@ -381,9 +381,18 @@ mod tests {
             k(Some("IPXE"), Some("ARM64"), Some("EFI")).as_deref(),
             Some("ipxe-arm-efi")
         );
-        assert_eq!(k(None, Some("ARM64"), Some("EFI")).as_deref(), Some("arm-efi"));
-        assert_eq!(k(Some("IPXE"), Some("ARM64"), Some("PCBIOS")).as_deref(), Some("generic"));
-        assert_eq!(k(Some("IPXE"), Some("X86_64"), Some("EFI")).as_deref(), Some("x86"));
+        assert_eq!(
+            k(None, Some("ARM64"), Some("EFI")).as_deref(),
+            Some("arm-efi")
+        );
+        assert_eq!(
+            k(Some("IPXE"), Some("ARM64"), Some("PCBIOS")).as_deref(),
+            Some("generic")
+        );
+        assert_eq!(
+            k(Some("IPXE"), Some("X86_64"), Some("EFI")).as_deref(),
+            Some("x86")
+        );
         assert_eq!(
             c.boot_default("CMDLINE", Some("IPXE"), Some("X86_64"), None)
                 .as_deref(),

@@ -181,10 +181,32 @@ impl Executor {
                     _ = sd.cancelled() => return,
                     changed = mars_rx.changed() => {
                         if changed.is_err() { return; }
-                        let db = mars_rx.borrow_and_update().clone();
-                        tracing::info!("MaRS DB file changed, applying it");
-                        *lock(&e.inner.mars) = db;
-                        e.settle_all();
+                        mars_rx.borrow_and_update();
+                        // The watcher's copy is only a notification: under the write
+                        // lock, the file holds the latest truth (an admin's edit or our
+                        // own last write), whereas the copy may predate one of ours.
+                        let fresh = {
+                            let _guard = lock(&e.inner.mars_write);
+                            match e.inner.mars_file.load().and_then(|db| {
+                                MarsFile::validate(&db)?;
+                                Ok(db)
+                            }) {
+                                Ok(db) if db != *e.mars() => {
+                                    let db = Arc::new(db);
+                                    *lock(&e.inner.mars) = db;
+                                    true
+                                }
+                                Ok(_) => false,
+                                Err(err) => {
+                                    tracing::warn!("MaRS DB file changed but is not valid any more: {err}");
+                                    false
+                                }
+                            }
+                        };
+                        if fresh {
+                            tracing::info!("MaRS DB file changed, applying it");
+                            e.settle_all();
+                        }
                     }
                 }
             }
@@ -274,24 +296,21 @@ impl Executor {
                 });
             }
         }
-        if let Some(d) = store.kv_get("discovery")? {
-            if let Ok(d) = serde_json::from_str::<DiscoverState>(&d) {
-                if let (Some(pdu), Some(port_id), Some(start), Some(deadline)) =
-                    (d.pdu, d.port_id, d.start_date, d.deadline)
-                {
-                    if let (Ok(start), Ok(deadline)) = (
-                        DateTime::parse_from_rfc3339(&start),
-                        DateTime::parse_from_rfc3339(&deadline),
-                    ) {
-                        s.discovery = Some(Discovery {
-                            pdu,
-                            port_id,
-                            start: start.with_timezone(&Utc),
-                            deadline: deadline.with_timezone(&Utc),
-                        });
-                    }
-                }
-            }
+        if let Some(d) = store.kv_get("discovery")?
+            && let Ok(d) = serde_json::from_str::<DiscoverState>(&d)
+            && let (Some(pdu), Some(port_id), Some(start), Some(deadline)) =
+                (d.pdu, d.port_id, d.start_date, d.deadline)
+            && let (Ok(start), Ok(deadline)) = (
+                DateTime::parse_from_rfc3339(&start),
+                DateTime::parse_from_rfc3339(&deadline),
+            )
+        {
+            s.discovery = Some(Discovery {
+                pdu,
+                port_id,
+                start: start.with_timezone(&Utc),
+                deadline: deadline.with_timezone(&Utc),
+            });
         }
         for (id, rt) in &s.duts {
             store.set_dut_runtime(id, rt)?;
@@ -352,17 +371,17 @@ impl Executor {
             .cloned()
             .collect();
         for id in gone {
-            if let Some(rt) = s.duts.remove(&id) {
-                if let Some(job) = rt.current_job {
-                    self.request_cancel(&job);
-                }
+            if let Some(rt) = s.duts.remove(&id)
+                && let Some(job) = rt.current_job
+            {
+                self.request_cancel(&job);
             }
             let _ = self.inner.store.delete_dut_runtime(&id);
             tracing::info!(dut_id = %id, "DUT removed from the MaRS DB");
         }
         for (id, record) in &mars.duts {
             let id = id.to_lowercase();
-            if !s.duts.contains_key(&id) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = s.duts.entry(id.clone()) {
                 let rt = DutRuntime {
                     state: self.start_state(record),
                     current_job: None,
@@ -370,7 +389,7 @@ impl Executor {
                 };
                 tracing::info!(dut_id = %id, state = %rt.state, "new DUT");
                 self.save_rt(&id, &rt);
-                s.duts.insert(id, rt);
+                slot.insert(rt);
                 continue;
             }
             self.settle(&mut s, &id, record);
@@ -496,10 +515,10 @@ impl Executor {
     }
 
     fn matches(target: &JobTarget, id: &str, record: &DutRecord) -> bool {
-        if let Some(want) = &target.id {
-            if !want.eq_ignore_ascii_case(id) {
-                return false;
-            }
+        if let Some(want) = &target.id
+            && !want.eq_ignore_ascii_case(id)
+        {
+            return false;
         }
         record.has_all_tags(&target.tags)
     }
@@ -541,21 +560,32 @@ impl Executor {
             tracing::error!(dut_id = id, "cannot queue a boot-loop round: {e}");
             return;
         }
-        if let Some(rt) = s.duts.get_mut(id) {
-            if rt.training.is_none() {
-                rt.training = Some(TrainingProgress {
-                    rounds_done: 0,
-                    rounds_passed: 0,
-                    rounds_total: total,
-                    rounds_needed: needed,
-                });
-            }
+        if let Some(rt) = s.duts.get_mut(id)
+            && rt.training.is_none()
+        {
+            rt.training = Some(TrainingProgress {
+                rounds_done: 0,
+                rounds_passed: 0,
+                rounds_total: total,
+                rounds_needed: needed,
+            });
         }
         let _ = record;
         self.assign(s, mars, &job_id, id);
         if s.duts.get(id).is_some_and(|rt| rt.current_job.is_none()) {
             // The round could not start (bad boot-loop job, missing PDU...): do not spin.
-            tracing::error!(dut_id = id, "boot-loop round {job_id} could not start; pausing training");
+            let why = self
+                .inner
+                .store
+                .get_job(&job_id)
+                .ok()
+                .flatten()
+                .and_then(|row| row.reason)
+                .unwrap_or_else(|| "see the errors above".into());
+            tracing::error!(
+                dut_id = id,
+                "boot-loop round {job_id} could not start ({why}); pausing training"
+            );
             s.training_paused_until.insert(
                 id.to_string(),
                 tokio::time::Instant::now() + self.inner.config.hartman_retrial_delay,
@@ -659,7 +689,12 @@ impl Executor {
         }
     }
 
-    fn render_context(&self, dut_id: &str, record: &DutRecord, meta: &JobMetadata) -> RenderContext {
+    fn render_context(
+        &self,
+        dut_id: &str,
+        record: &DutRecord,
+        meta: &JobMetadata,
+    ) -> RenderContext {
         let c = &self.inner.config;
         RenderContext::new()
             .machine_id(dut_id)
@@ -826,10 +861,10 @@ impl Executor {
     /// Write `ready_for_service` to the MaRS file and move the DUT accordingly.
     fn mark_ready(&self, s: &mut Sched, dut_id: &str, ready: bool) {
         let result = self.edit_mars(|db| {
-            if let Some((key, _)) = Self::record_of(db, dut_id) {
-                if let Some(r) = db.duts.get_mut(&key) {
-                    r.ready_for_service = ready;
-                }
+            if let Some((key, _)) = Self::record_of(db, dut_id)
+                && let Some(r) = db.duts.get_mut(&key)
+            {
+                r.ready_for_service = ready;
             }
             Ok(())
         });
@@ -943,10 +978,10 @@ impl Executor {
             .filter_map(|rt| rt.current_job.clone())
             .collect();
         for job_id in current {
-            if let Ok(Some(row)) = store.get_job(&job_id) {
-                if row.state == JobState::Finished {
-                    self.job_over(&mut s, &job_id);
-                }
+            if let Ok(Some(row)) = store.get_job(&job_id)
+                && row.state == JobState::Finished
+            {
+                self.job_over(&mut s, &job_id);
             }
         }
         // Deadlines of queued jobs.
@@ -977,13 +1012,13 @@ impl Executor {
     fn request_cancel(&self, job_id: &str) {
         let store = &self.inner.store;
         let _ = store.request_cancel(job_id);
-        if let Ok(Some(row)) = store.get_job(job_id) {
-            if let Some(pid) = row.runner_pid {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
+        if let Ok(Some(row)) = store.get_job(job_id)
+            && let Some(pid) = row.runner_pid
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
     }
 
@@ -1016,12 +1051,12 @@ impl Executor {
         };
         let mars = self.mars();
         let mut s = lock(&self.inner.sched);
-        if let Some(id) = &target.id {
-            if Self::record_of(&mars, id).is_none() {
-                return Err(ExecError::NotFound(format!(
-                    "no machine with id {id} in this farm"
-                )));
-            }
+        if let Some(id) = &target.id
+            && Self::record_of(&mars, id).is_none()
+        {
+            return Err(ExecError::NotFound(format!(
+                "no machine with id {id} in this farm"
+            )));
         }
         let candidates: Vec<String> = mars
             .duts
@@ -1117,7 +1152,12 @@ impl Executor {
     }
 
     /// Events of a job after `after` (`GET /api/v1/job/<id>/events`).
-    pub fn events(&self, job_id: &str, after: i64, limit: usize) -> Result<Vec<JobEvent>, ExecError> {
+    pub fn events(
+        &self,
+        job_id: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<JobEvent>, ExecError> {
         Ok(self.inner.store.events_after(job_id, after, limit)?)
     }
 
@@ -1194,12 +1234,12 @@ impl Executor {
 
     /// `PATCH /api/v1/dut/<id>`.
     pub fn patch_dut(&self, id: &str, patch: DutPatch) -> Result<DutView, ExecError> {
-        if let Some(d) = patch.pdu_off_delay {
-            if !(d.is_finite() && d >= 0.0) {
-                return Err(ExecError::BadRequest(format!(
-                    "pdu_off_delay {d}: expected a number of seconds >= 0"
-                )));
-            }
+        if let Some(d) = patch.pdu_off_delay
+            && !(d.is_finite() && d >= 0.0)
+        {
+            return Err(ExecError::BadRequest(format!(
+                "pdu_off_delay {d}: expected a number of seconds >= 0"
+            )));
         }
         self.edit_mars(|db| {
             let (key, _) = Self::record_of(db, id)
@@ -1354,10 +1394,10 @@ impl Executor {
             s.discovery = Some(d);
         }
         let state = self.discovery();
-        let _ = self.inner.store.kv_set(
-            "discovery",
-            serde_json::to_string(&state).ok().as_deref(),
-        );
+        let _ = self
+            .inner
+            .store
+            .kv_set("discovery", serde_json::to_string(&state).ok().as_deref());
         self.power_port_later(&req.pdu, &req.port_id, PortState::On);
         Ok(state)
     }
@@ -1387,7 +1427,9 @@ impl Executor {
                             let _ = store.record_port_shutdown(&pdu_name, &port_id, now());
                         }
                     }
-                    Err(e) => tracing::error!("cannot switch {pdu_name} port {port_id} {state}: {e}"),
+                    Err(e) => {
+                        tracing::error!("cannot switch {pdu_name} port {port_id} {state}: {e}")
+                    }
                 },
                 Err(e) => tracing::error!("{e}"),
             }
@@ -1447,10 +1489,18 @@ impl Executor {
         let discovering = lock(&self.inner.sched).discovery.is_some();
         if !known || discovering {
             let c = &self.inner.config;
-            let kernel = c.boot_default("KERNEL", Some("IPXE"), None, None).unwrap_or_default();
+            let kernel = c
+                .boot_default("KERNEL", Some("IPXE"), None, None)
+                .unwrap_or_default();
             let initrd = c.boot_default("INITRD", Some("IPXE"), None, None);
-            let cmdline = c.boot_default("CMDLINE", Some("IPXE"), None, None).unwrap_or_default();
-            return Ok(crate::bootscript::render_default(&kernel, initrd.as_deref(), &cmdline));
+            let cmdline = c
+                .boot_default("CMDLINE", Some("IPXE"), None, None)
+                .unwrap_or_default();
+            return Ok(crate::bootscript::render_default(
+                &kernel,
+                initrd.as_deref(),
+                &cmdline,
+            ));
         }
         Err(ExecError::NotFound(format!(
             "machine {id} has no job running: nothing to boot"
@@ -1566,7 +1616,9 @@ impl Executor {
         let dut = mars
             .duts
             .iter()
-            .find(|(_, r)| r.pdu.as_deref() == Some(name) && r.pdu_port_id.as_deref() == Some(port_id))
+            .find(|(_, r)| {
+                r.pdu.as_deref() == Some(name) && r.pdu_port_id.as_deref() == Some(port_id)
+            })
             .map(|(id, _)| id.clone());
         if let Some(reserved) = patch.reserved {
             self.edit_mars(|db| {
@@ -1672,6 +1724,34 @@ pub fn is_mac(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn builtin_bootloop_job_renders_with_and_without_initrd() {
+        for initrd in ["", "http://gw/initrd"] {
+            let ctx = RenderContext::new()
+                .machine_id("52:54:00:11:22:01")
+                .var("boots_default_kernel", "http://gw/kernel")
+                .var("boots_default_initrd", initrd)
+                .var(
+                    "boots_default_cmdline",
+                    "console=ttyS0 farmsim.script=\"print hi; poweroff\"",
+                );
+            let (text, job) = farmgate_job::render_and_parse(BUILTIN_BOOTLOOP_JOB, &ctx)
+                .unwrap_or_else(|e| panic!("initrd {initrd:?}: {e}"));
+            let step = job.deployment.for_boot(0);
+            assert_eq!(
+                step.initramfs.len(),
+                usize::from(!initrd.is_empty()),
+                "{text}"
+            );
+            assert!(
+                step.cmdline
+                    .contains("farmsim.script=\"print hi; poweroff\""),
+                "{text}"
+            );
+            assert_eq!(job.target.id.as_deref(), Some("52:54:00:11:22:01"));
+        }
+    }
 
     #[test]
     fn job_ids_are_unique_and_tagged_by_kind() {

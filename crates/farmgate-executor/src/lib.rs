@@ -19,3 +19,17 @@ pub mod spec;
 
 pub use config::{ConfigError, GatewayConfig};
 pub use executor::{ExecError, Executor};
+
+/// Raise this process's soft limit of open files to its hard limit.
+///
+/// A gateway holds several descriptors per DUT (serial device, relay listener, relay
+/// client, PDU connections); the usual soft limit of 1,024 is reached near 300 DUTs.
+/// Returns the new soft limit.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(std::io::Error::from)?;
+    }
+    Ok(hard.max(soft))
+}

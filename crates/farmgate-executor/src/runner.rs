@@ -312,12 +312,13 @@ impl JobRun<'_> {
         // Power on only once the console is relayed, so the first boot lines are not
         // lost; a console that cannot be reached is reported and timed by the job's
         // own timeouts rather than blocking forever.
-        let connected = tokio::time::timeout(
-            Duration::from_secs(10),
-            console_up.wait_for(|up| *up),
-        )
-        .await;
-        if !matches!(connected, Ok(Ok(_))) {
+        // (The borrow `wait_for` returns must not outlive this statement: the link's
+        // sender cannot publish while it is held.)
+        let connected = matches!(
+            tokio::time::timeout(Duration::from_secs(10), console_up.wait_for(|up| *up)).await,
+            Ok(Ok(_))
+        );
+        if !connected {
             log.ctrl("the DUT's console is not reachable through SALAD yet; booting anyway");
         }
         let mut boot_index: u32 = 0;
@@ -349,7 +350,22 @@ impl JobRun<'_> {
                 _ = self.cancel.cancelled() => break 'job (None, "job cancelled while powering the DUT".into()),
             };
             if let Err(e) = powered {
-                break 'job (Some(JobStatus::SetupFail), format!("power cycle failed: {e}"));
+                break 'job (
+                    Some(JobStatus::SetupFail),
+                    format!("power cycle failed: {e}"),
+                );
+            }
+            // Lines that arrived while the power was cut were printed before it: the
+            // user sees them, but they belong to the previous boot and are not matched
+            // (a DUT that rebooted by itself may have started a stale boot meanwhile).
+            while let Ok(msg) = console_rx.try_recv() {
+                match msg {
+                    ConsoleMsg::Note(text) => log.ctrl(text),
+                    ConsoleMsg::Line(line) => log.push(
+                        EventKind::JobIo,
+                        String::from_utf8_lossy(&line).into_owned(),
+                    ),
+                }
             }
             log.ctrl(format!(
                 "Boot {boot_index}: DUT powered on, waiting for the console (first activity within {}, boot cycle {})",
@@ -424,10 +440,10 @@ impl JobRun<'_> {
                                             }
                                         }
                                         PatternHit::WatchdogReset(name) => {
-                                            if let Some(w) = watchdogs.get_mut(&name) {
-                                                if w.deadline.is_some() {
-                                                    w.arm(now);
-                                                }
+                                            if let Some(w) = watchdogs.get_mut(&name)
+                                                && w.deadline.is_some()
+                                            {
+                                                w.arm(now);
                                             }
                                         }
                                         PatternHit::WatchdogStop(name) => {

@@ -38,6 +38,12 @@ impl Console {
     /// Open a raw pty pair and link its slave as `link`.
     pub(crate) fn open(link: &Path) -> anyhow::Result<Console> {
         let pty = nix::pty::openpty(None, None).context("openpty")?;
+        // openpty does not set close-on-exec: without it every process the test starts
+        // (the gateway, its job runners) would inherit the simulated farm's ptys.
+        for fd in [&pty.master, &pty.slave] {
+            fcntl(fd, FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+                .context("setting close-on-exec on a new pty")?;
+        }
         let mut tio = tcgetattr(&pty.slave).context("reading the termios of a new pty")?;
         cfmakeraw(&mut tio);
         tcsetattr(&pty.slave, SetArg::TCSANOW, &tio).context("setting a new pty to raw mode")?;

@@ -17,7 +17,11 @@ use farmgate_executor::{Executor, GatewayConfig};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "farmgate", version, about = "Time-share a farm of test machines")]
+#[command(
+    name = "farmgate",
+    version,
+    about = "Time-share a farm of test machines"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,6 +57,10 @@ fn main() -> ExitCode {
     init_tracing();
     match cli.command {
         Command::Serve => {
+            match farmgate_executor::raise_fd_limit() {
+                Ok(n) => tracing::debug!("open files limit: {n}"),
+                Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+            }
             let config = match GatewayConfig::from_process_env() {
                 Ok(c) => c,
                 Err(e) => {
@@ -76,8 +84,8 @@ fn main() -> ExitCode {
             }
         }
         Command::RunJob { database, job_id } => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+            // One small single-threaded runtime per job: a farm runs hundreds at once.
+            let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
@@ -110,10 +118,10 @@ fn admin_token(config: &GatewayConfig) -> anyhow::Result<String> {
         return Ok(t.clone());
     }
     let path = config.state_dir.join("admin.token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        if !t.trim().is_empty() {
-            return Ok(t.trim().to_string());
-        }
+    if let Ok(t) = std::fs::read_to_string(&path)
+        && !t.trim().is_empty()
+    {
+        return Ok(t.trim().to_string());
     }
     use rand::Rng;
     let bytes: [u8; 24] = rand::rng().random();

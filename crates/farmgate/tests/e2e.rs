@@ -27,14 +27,20 @@ async fn job_passes_and_console_is_streamed_live() {
     let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim", "gpu:a"], true)).await;
     let job = gw.write_job(
         "pass.yml",
-        &sim_job("print running tests; print TESTS PASSED; poweroff", PASS_FAIL_WARN, ""),
+        &sim_job(
+            "print running tests; print TESTS PASSED; poweroff",
+            PASS_FAIL_WARN,
+            "",
+        ),
     );
-    let r = gw
-        .farmctl_run(&["run", path_str(&job)], LIMIT)
-        .await;
+    let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
     assert_eq!(r.code, code(JobStatus::Pass), "{}\n{}", r.all(), gw.logs());
     assert!(r.stdout.contains("TESTS PASSED"), "{}", r.all());
-    assert!(r.stdout.contains("SALAD.machine_id=52:54:00:11:22:01"), "{}", r.all());
+    assert!(
+        r.stdout.contains("SALAD.machine_id=52:54:00:11:22:01"),
+        "{}",
+        r.all()
+    );
     assert!(r.stderr.contains("power cycling"), "{}", r.all());
     assert!(r.stderr.contains("finished: PASS"), "{}", r.all());
     let d = gw.wait_state(1, DutState::Idle, LIMIT).await;
@@ -49,19 +55,28 @@ async fn job_passes_and_console_is_streamed_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_fails_warns_and_completes() {
     let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
-    let fail = gw.write_job("fail.yml", &sim_job("print 3 tests failed; poweroff", PASS_FAIL_WARN, ""));
+    let fail = gw.write_job(
+        "fail.yml",
+        &sim_job("print 3 tests failed; poweroff", PASS_FAIL_WARN, ""),
+    );
     let r = gw.farmctl_run(&["run", "-w", path_str(&fail)], LIMIT).await;
     assert_eq!(r.code, code(JobStatus::Fail), "{}", r.all());
 
     let warn = gw.write_job(
         "warn.yml",
-        &sim_job("print WARNING: flaky; print TESTS PASSED; poweroff", PASS_FAIL_WARN, ""),
+        &sim_job(
+            "print WARNING: flaky; print TESTS PASSED; poweroff",
+            PASS_FAIL_WARN,
+            "",
+        ),
     );
     let r = gw.farmctl_run(&["run", "-w", path_str(&warn)], LIMIT).await;
     assert_eq!(r.code, code(JobStatus::Warn), "{}", r.all());
 
     let complete = gw.write_job("complete.yml", &sim_job("print hello; poweroff", "", ""));
-    let r = gw.farmctl_run(&["run", "-w", path_str(&complete)], LIMIT).await;
+    let r = gw
+        .farmctl_run(&["run", "-w", path_str(&complete)], LIMIT)
+        .await;
     assert_eq!(r.code, code(JobStatus::Complete), "{}", r.all());
     gw.stop().await;
 }
@@ -86,7 +101,8 @@ async fn timeouts_without_retries_end_the_job_incomplete() {
     let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
     assert_eq!(r.code, code(JobStatus::Incomplete), "{}", r.all());
     assert!(
-        r.stderr.contains("first_console_activity timeout of 1.0 s expired"),
+        r.stderr
+            .contains("first_console_activity timeout of 1.0 s expired"),
         "{}",
         r.all()
     );
@@ -107,8 +123,17 @@ async fn console_activity_and_boot_cycle_timeouts_retry_then_give_up() {
     );
     let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
     assert_eq!(r.code, code(JobStatus::Incomplete), "{}", r.all());
-    assert!(r.stderr.contains("retry 1 of 1 for console_activity"), "{}", r.all());
-    assert!(r.stderr.contains("all 1 retries of console_activity are used"), "{}", r.all());
+    assert!(
+        r.stderr.contains("retry 1 of 1 for console_activity"),
+        "{}",
+        r.all()
+    );
+    assert!(
+        r.stderr
+            .contains("all 1 retries of console_activity are used"),
+        "{}",
+        r.all()
+    );
     assert_eq!(gw.farm.boot_count(1), 2, "booted once, retried once");
 
     // The boot cycle never ends: boot_cycle expires, retried twice.
@@ -123,7 +148,11 @@ async fn console_activity_and_boot_cycle_timeouts_retry_then_give_up() {
     let before = gw.farm.boot_count(1);
     let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
     assert_eq!(r.code, code(JobStatus::Incomplete), "{}", r.all());
-    assert!(r.stderr.contains("retry 2 of 2 for boot_cycle"), "{}", r.all());
+    assert!(
+        r.stderr.contains("retry 2 of 2 for boot_cycle"),
+        "{}",
+        r.all()
+    );
     assert_eq!(gw.farm.boot_count(1) - before, 3);
     gw.stop().await;
 }
@@ -168,7 +197,11 @@ deployment:
     );
     let r = gw.farmctl_run(&["run", path_str(&path)], LIMIT).await;
     assert_eq!(r.code, code(JobStatus::Incomplete), "{}", r.all());
-    assert!(r.stderr.contains("overall timeout of 2.0 s expired"), "{}", r.all());
+    assert!(
+        r.stderr.contains("overall timeout of 2.0 s expired"),
+        "{}",
+        r.all()
+    );
     gw.stop().await;
 }
 
@@ -202,7 +235,12 @@ deployment:
     let path = gw.write_job("wd.yml", job);
     let r = gw.farmctl_run(&["run", path_str(&path)], LIMIT).await;
     assert_eq!(r.code, code(JobStatus::Incomplete), "{}", r.all());
-    assert!(r.stderr.contains("watchdog heartbeat timeout of 1.0 s expired"), "{}", r.all());
+    assert!(
+        r.stderr
+            .contains("watchdog heartbeat timeout of 1.0 s expired"),
+        "{}",
+        r.all()
+    );
     gw.stop().await;
 }
 
@@ -236,7 +274,11 @@ deployment:
     let path = gw.write_job("reboot.yml", job);
     let r = gw.farmctl_run(&["run", path_str(&path)], LIMIT).await;
     assert_eq!(r.code, code(JobStatus::Pass), "{}", r.all());
-    assert!(r.stderr.contains("session_reboot pattern matched"), "{}", r.all());
+    assert!(
+        r.stderr.contains("session_reboot pattern matched"),
+        "{}",
+        r.all()
+    );
     assert!(r.stderr.contains("Boot 2"), "{}", r.all());
     gw.stop().await;
 }
@@ -253,10 +295,17 @@ async fn unfit_machine_goes_back_to_training_then_idle() {
             ),
     )
     .await;
-    let job = gw.write_job("unfit.yml", &sim_job("print TESTS PASSED; poweroff", PASS_FAIL_WARN, ""));
+    let job = gw.write_job(
+        "unfit.yml",
+        &sim_job("print TESTS PASSED; poweroff", PASS_FAIL_WARN, ""),
+    );
     let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
     assert_eq!(r.code, code(JobStatus::Incomplete), "{}", r.all());
-    assert!(r.stderr.contains("machine_unfit_for_service"), "{}", r.all());
+    assert!(
+        r.stderr.contains("machine_unfit_for_service"),
+        "{}",
+        r.all()
+    );
     // Back to training; training keeps failing while the machine is unfit.
     let d = gw.dut(1).await;
     assert_eq!(d.state, DutState::Training, "{d:?}");
@@ -284,15 +333,26 @@ async fn new_machine_trains_then_serves() {
     );
     let d = gw.wait_state(2, DutState::Idle, LIMIT).await;
     assert!(d.record.ready_for_service);
-    assert!(gw.mars().duts[&mac(2)].ready_for_service, "written to the MaRS file");
-    assert_eq!(gw.farm.boot_count(2), 3, "three boot-loop rounds");
+    assert!(
+        gw.mars().duts[&mac(2)].ready_for_service,
+        "written to the MaRS file"
+    );
+    assert_eq!(
+        gw.farm.boot_count(2),
+        3,
+        "three boot-loop rounds:\n{}",
+        gw.logs()
+    );
     gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_ends_a_running_job() {
     let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
-    let job = gw.write_job("long.yml", &sim_job("print working; sleep 60000; poweroff", "", ""));
+    let job = gw.write_job(
+        "long.yml",
+        &sim_job("print working; sleep 60000; poweroff", "", ""),
+    );
     let child = gw
         .farmctl(&["run", "-j", "long-job-1", path_str(&job)])
         .spawn()
@@ -315,7 +375,10 @@ async fn cancel_ends_a_running_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_matching_machine_and_busy_with_and_without_wait() {
     let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
-    let job = gw.write_job("pass.yml", &sim_job("print TESTS PASSED; poweroff", PASS_FAIL_WARN, ""));
+    let job = gw.write_job(
+        "pass.yml",
+        &sim_job("print TESTS PASSED; poweroff", PASS_FAIL_WARN, ""),
+    );
     let r = gw
         .farmctl_run(&["run", "-t", "no-such-gpu", path_str(&job)], LIMIT)
         .await;
@@ -323,8 +386,14 @@ async fn no_matching_machine_and_busy_with_and_without_wait() {
     assert!(r.stderr.contains("406"), "{}", r.all());
     assert!(r.stderr.contains("no-such-gpu"), "{}", r.all());
 
-    let long = gw.write_job("long.yml", &sim_job("print busy; sleep 3000; poweroff", "", ""));
-    let first = gw.farmctl(&["run", path_str(&long)]).spawn().expect("farmctl");
+    let long = gw.write_job(
+        "long.yml",
+        &sim_job("print busy; sleep 3000; poweroff", "", ""),
+    );
+    let first = gw
+        .farmctl(&["run", path_str(&long)])
+        .spawn()
+        .expect("farmctl");
     gw.wait_state(1, DutState::Running, LIMIT).await;
     let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
     assert_eq!(r.code, Some(7), "busy without -w is refused: {}", r.all());
@@ -356,10 +425,15 @@ async fn daemon_killed_while_a_job_runs_loses_nothing() {
     gw.kill_daemon();
     tokio::time::sleep(Duration::from_millis(500)).await;
     gw.start_daemon().await;
-    let out = tokio::time::timeout(LIMIT, child.wait_with_output())
-        .await
-        .expect("farmctl ends")
-        .expect("output");
+    let out = tokio::time::timeout(LIMIT, child.wait_with_output()).await;
+    let Ok(out) = out else {
+        panic!(
+            "farmctl did not end; job: {:?}\n{}",
+            gw.job("survivor").await,
+            gw.logs()
+        );
+    };
+    let out = out.expect("output");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -389,7 +463,14 @@ async fn credentials_are_required_and_checked() {
     assert_eq!(out.status.code(), Some(7));
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
     let out = tokio::process::Command::new(farmctl_exe())
-        .args(["--url", &gw.url(), "--token", "wrong", "run", path_str(&job)])
+        .args([
+            "--url",
+            &gw.url(),
+            "--token",
+            "wrong",
+            "run",
+            path_str(&job),
+        ])
         .output()
         .await
         .expect("farmctl");
@@ -402,7 +483,12 @@ async fn credentials_are_required_and_checked() {
         .output()
         .await
         .expect("farmctl");
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     gw.wait_state(1, DutState::Retired, LIMIT).await;
     gw.stop().await;
 }

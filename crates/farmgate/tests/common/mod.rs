@@ -46,6 +46,8 @@ pub struct GatewayOptions {
     pub duts: BTreeMap<u32, (Vec<String>, bool)>,
     pub env: Vec<(String, String)>,
     pub behaviours: BTreeMap<u32, Behaviour>,
+    /// `pdu_off_delay` of every DUT, in seconds.
+    pub off_delay: f64,
 }
 
 impl Default for GatewayOptions {
@@ -55,6 +57,7 @@ impl Default for GatewayOptions {
             duts: BTreeMap::new(),
             env: vec![],
             behaviours: BTreeMap::new(),
+            off_delay: 0.2,
         }
     }
 }
@@ -86,7 +89,7 @@ pub struct Gateway {
 }
 
 pub fn mac(port: u32) -> String {
-    format!("52:54:00:11:22:{port:02x}")
+    farmgate_testkit::mac_of(port)
 }
 
 impl Gateway {
@@ -130,7 +133,7 @@ impl Gateway {
                     tags: tags.clone(),
                     pdu: Some("SIM".into()),
                     pdu_port_id: Some(port.to_string()),
-                    pdu_off_delay: 0.2,
+                    pdu_off_delay: opts.off_delay,
                     ready_for_service: *ready,
                     local_tty_device: Some("ttyS0".into()),
                     ..DutRecord::default()
@@ -145,7 +148,10 @@ impl Gateway {
             ("FARM_NAME".into(), "testfarm".into()),
             ("EXECUTOR_HOST".into(), "127.0.0.1".into()),
             ("EXECUTOR_PORT".into(), api_port.to_string()),
-            ("EXECUTOR_URL".into(), format!("http://127.0.0.1:{api_port}")),
+            (
+                "EXECUTOR_URL".into(),
+                format!("http://127.0.0.1:{api_port}"),
+            ),
             ("SALAD_PORT".into(), salad_port.to_string()),
             ("SALAD_URL".into(), format!("http://127.0.0.1:{salad_port}")),
             (
@@ -162,8 +168,14 @@ impl Gateway {
             ("SERGENT_HARTMAN_QUICK_CHECK".into(), "disabled".into()),
             ("SERGENT_HARTMAN_BOOT_COUNT".into(), "2".into()),
             ("SERGENT_HARTMAN_QUALIFYING_BOOT_COUNT".into(), "2".into()),
-            ("SERGENT_HARTMAN_REGISTRATION_RETRIAL_DELAY".into(), "1".into()),
-            ("BOOTS_DEFAULT_KERNEL".into(), "http://127.0.0.1:1/kernel".into()),
+            (
+                "SERGENT_HARTMAN_REGISTRATION_RETRIAL_DELAY".into(),
+                "1".into(),
+            ),
+            (
+                "BOOTS_DEFAULT_KERNEL".into(),
+                "http://127.0.0.1:1/kernel".into(),
+            ),
             ("BOOTS_DEFAULT_INITRD".into(), "".into()),
             (
                 "BOOTS_DEFAULT_CMDLINE".into(),
@@ -217,15 +229,19 @@ impl Gateway {
         self.daemon = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = self.http.get(format!("{}/api/v1/duts", self.url())).send().await {
-                if r.status().is_success() {
-                    break;
-                }
+            if let Ok(r) = self
+                .http
+                .get(format!("{}/api/v1/duts", self.url()))
+                .send()
+                .await
+                && r.status().is_success()
+            {
+                break;
             }
-            if let Some(child) = self.daemon.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("farmgate exited at start ({status}):\n{}", self.logs());
-                }
+            if let Some(child) = self.daemon.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("farmgate exited at start ({status}):\n{}", self.logs());
             }
             assert!(
                 Instant::now() < deadline,
@@ -279,7 +295,12 @@ impl Gateway {
         let child = self.farmctl(args).spawn().expect("farmctl starts");
         let out = tokio::time::timeout(limit, child.wait_with_output())
             .await
-            .unwrap_or_else(|_| panic!("farmctl {args:?} did not finish within {limit:?}:\n{}", self.logs()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "farmctl {args:?} did not finish within {limit:?}:\n{}",
+                    self.logs()
+                )
+            })
             .expect("farmctl output");
         FarmctlResult {
             code: out.status.code(),
