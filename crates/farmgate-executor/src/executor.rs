@@ -757,6 +757,17 @@ impl Executor {
     fn on_runner_exit(&self, job_id: &str) {
         let mut s = lock(&self.inner.sched);
         match self.inner.store.get_job(job_id) {
+            Ok(Some(row))
+                if row.state != JobState::Finished
+                    && row.dut_id.as_deref().is_some_and(|dut| {
+                        dut_lock_held(&self.inner.config.locks_dir(), dut).unwrap_or(true)
+                    }) =>
+            {
+                // Another runner of this job holds the DUT (this one was a duplicate
+                // refused by the lock): the job goes on.
+                tracing::warn!(job_id, "a duplicate job runner exited; the job goes on");
+                return;
+            }
             Ok(Some(row)) if row.state != JobState::Finished => {
                 // The runner is gone without writing a result.
                 let _ = self.inner.store.finish_job(
@@ -948,7 +959,16 @@ impl Executor {
                 let mut s = lock(&self.inner.sched);
                 self.job_over(&mut s, &row.job_id);
             } else if row.runner_pid.is_none() {
-                // Assigned, but the daemon stopped before starting its runner.
+                // Assigned, but the daemon stopped before starting its runner. `assign`
+                // records the assignment and the runner's pid under the scheduler lock:
+                // look again under it, or a job being assigned right now would get two.
+                let _s = lock(&self.inner.sched);
+                let Ok(Some(row)) = store.get_job(&row.job_id) else {
+                    continue;
+                };
+                if row.state == JobState::Finished || row.runner_pid.is_some() {
+                    continue;
+                }
                 tracing::warn!(job_id = %row.job_id, "restarting the runner of an assigned job");
                 if let Err(e) = self.spawn_runner(&row.job_id) {
                     let _ = store.finish_job(

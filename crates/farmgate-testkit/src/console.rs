@@ -2,8 +2,7 @@
 //! gateway opens (through a `ttySIM<port>` symlink), and whose master side the simulated
 //! machine writes to and reads from.
 
-use std::fs::File;
-use std::io::{ErrorKind, Read, Write};
+use std::io::ErrorKind;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,21 +10,21 @@ use std::time::Duration;
 use anyhow::Context;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
 
 /// How long a console write may wait for room in the pty before the rest is dropped, as
 /// a serial line with nobody listening would lose it.
 const WRITE_PATIENCE: Duration = Duration::from_millis(250);
-/// Pause between attempts when the pty has no room (writes) or nothing to read. The
-/// master is non-blocking and polled, which needs no `unsafe` fd registration.
-const POLL_PAUSE: Duration = Duration::from_millis(10);
 /// Longest line kept from the console input; longer lines are cut.
 const MAX_INPUT_LINE: usize = 4096;
 
 /// One pty pair, kept open for the farm's lifetime.
 pub(crate) struct Console {
-    /// The master side, non-blocking.
-    master: File,
+    /// The master side, non-blocking, registered with the runtime (a farm of 1,000
+    /// machines must not poll 1,000 ptys).
+    master: AsyncFd<OwnedFd>,
     /// Held open so the slave's settings (raw mode) survive the gateway closing and
     /// reopening it, and so reads on the master never see a hang-up.
     _slave: OwnedFd,
@@ -62,7 +61,7 @@ impl Console {
                 slave_path.display()
             )
         })?;
-        let master = File::from(pty.master);
+        let master = register(pty.master).context("registering a pty master")?;
         let (input, _) = broadcast::channel(256);
         Ok(Console {
             master,
@@ -102,23 +101,22 @@ impl Console {
         let deadline = tokio::time::Instant::now() + WRITE_PATIENCE;
         let mut rest = data;
         while !rest.is_empty() {
-            match (&self.master).write(rest) {
-                Ok(n) => rest = &rest[n..],
-                Err(e)
-                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted =>
-                {
-                    if tokio::time::Instant::now() >= deadline {
-                        tracing::debug!(
-                            "console {}: nobody reads, {} bytes dropped",
-                            self.link.display(),
-                            rest.len()
-                        );
-                        return;
-                    }
-                    tokio::time::sleep(POLL_PAUSE).await;
-                }
-                Err(e) => {
+            let attempt = self.master.async_io(Interest::WRITABLE, |fd| {
+                nix::unistd::write(fd, rest).map_err(std::io::Error::from)
+            });
+            match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(Ok(n)) => rest = &rest[n..],
+                Ok(Err(e)) if e.kind() == ErrorKind::Interrupted => {}
+                Ok(Err(e)) => {
                     tracing::warn!("console {}: write: {e}", self.link.display());
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        "console {}: nobody reads, {} bytes dropped",
+                        self.link.display(),
+                        rest.len()
+                    );
                     return;
                 }
             }
@@ -130,14 +128,15 @@ impl Console {
         let mut buf = [0u8; 1024];
         let mut line: Vec<u8> = Vec::new();
         loop {
-            let n = match (&self.master).read(&mut buf) {
+            let n = match self
+                .master
+                .async_io(Interest::READABLE, |fd| {
+                    nix::unistd::read(fd, &mut buf).map_err(std::io::Error::from)
+                })
+                .await
+            {
                 Ok(n) => n,
-                Err(e)
-                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted =>
-                {
-                    tokio::time::sleep(POLL_PAUSE).await;
-                    continue;
-                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // EIO while no slave is open cannot happen as we hold one; anything
                     // else is worth a pause rather than a busy loop.
@@ -147,7 +146,7 @@ impl Console {
                 }
             };
             if n == 0 {
-                tokio::time::sleep(POLL_PAUSE).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
             for &b in &buf[..n] {
@@ -164,4 +163,14 @@ impl Console {
             }
         }
     }
+}
+
+/// Register a pty master with the runtime.
+///
+/// `AsyncFd::new` is deprecated because an arbitrary `AsRawFd` value may close its
+/// descriptor while registered; an `OwnedFd` moved into the `AsyncFd` cannot, it is
+/// closed only when the `AsyncFd` is dropped.
+#[allow(deprecated)]
+fn register(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+    AsyncFd::new(fd)
 }
