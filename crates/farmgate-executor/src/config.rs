@@ -77,6 +77,9 @@ pub struct GatewayConfig {
     /// `SERGENT_HARTMAN_QUICK_CHECK`: boot-check DUTs after a gateway reboot or an
     /// activation (default enabled).
     pub hartman_quick_check: bool,
+    /// `FARMGATE_DEFAULT_PDU_OFF_DELAY`: `pdu_off_delay` given to machines that register
+    /// themselves (seconds, default 30 as in seed 001; virtual machines need none).
+    pub default_pdu_off_delay: f64,
     /// `BOOTS_DEFAULT_*`: every default boot variable, by its full name.
     pub boots_defaults: BTreeMap<String, String>,
     /// `CONSOLE_PATTERN_DEFAULT_MACHINE_UNFIT_FOR_SERVICE_REGEX`: farm-wide unfit pattern.
@@ -172,6 +175,17 @@ impl GatewayConfig {
                 120.0,
             )?),
             hartman_quick_check: parse_bool(env, "SERGENT_HARTMAN_QUICK_CHECK", true)?,
+            default_pdu_off_delay: {
+                let d: f64 = parse_or(env, "FARMGATE_DEFAULT_PDU_OFF_DELAY", 30.0)?;
+                if !(d.is_finite() && d >= 0.0) {
+                    return Err(ConfigError::Invalid {
+                        name: "FARMGATE_DEFAULT_PDU_OFF_DELAY".into(),
+                        value: d.to_string(),
+                        why: "expected a number of seconds >= 0".into(),
+                    });
+                }
+                d
+            },
             boots_defaults,
             default_unfit_regex,
             bootloop_job: get("EXECUTOR_BOOTLOOP_JOB").map(PathBuf::from),

@@ -31,7 +31,15 @@ pub enum ConsoleMsg {
 #[derive(Deserialize)]
 struct MachineInfo {
     tcp_port: u16,
+    #[serde(default)]
+    has_client: bool,
 }
+
+/// How long the link waits for SALAD to notice that the previous client of the machine
+/// (typically the runner of the previous job, now exited) is gone, before connecting
+/// anyway. Connecting too early gets the connection refused after it was accepted, and
+/// the first lines of the boot would be lost.
+const PREVIOUS_CLIENT_GRACE: Duration = Duration::from_secs(5);
 
 /// Split a byte stream into lines.
 #[derive(Debug, Default)]
@@ -85,16 +93,30 @@ pub fn spawn_console_link(
         );
         let mut was_connected = false;
         let mut complained = false;
+        let mut busy_since: Option<tokio::time::Instant> = None;
         loop {
             if cancel.is_cancelled() || tx.is_closed() {
                 return;
             }
-            let port = match client.get(&url).send().await {
-                Ok(resp) if resp.status().is_success() => {
-                    resp.json::<MachineInfo>().await.ok().map(|m| m.tcp_port)
-                }
+            let info = match client.get(&url).send().await {
+                Ok(resp) if resp.status().is_success() => resp.json::<MachineInfo>().await.ok(),
                 _ => None,
             };
+            if let Some(info) = &info
+                && info.has_client
+                && busy_since
+                    .get_or_insert_with(tokio::time::Instant::now)
+                    .elapsed()
+                    < PREVIOUS_CLIENT_GRACE
+            {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+                continue;
+            }
+            busy_since = None;
+            let port = info.map(|m| m.tcp_port);
             let stream = match port {
                 Some(port) => TcpStream::connect((host.as_str(), port)).await.ok(),
                 None => None,

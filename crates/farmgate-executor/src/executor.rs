@@ -1323,6 +1323,7 @@ impl Executor {
                 Some(k) => db.duts.get_mut(&k).expect("found"),
                 None => {
                     let r = db.duts.entry(id.clone()).or_default();
+                    r.pdu_off_delay = self.inner.config.default_pdu_off_delay;
                     r.first_seen = Some(now().format("%Y-%m-%d %H:%M:%S%.6f").to_string());
                     if let Some(d) = &discovery {
                         r.pdu = Some(d.pdu.clone());

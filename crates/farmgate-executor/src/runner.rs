@@ -323,6 +323,7 @@ impl JobRun<'_> {
         }
         let mut boot_index: u32 = 0;
         let mut unfit = false;
+        let mut setup_retries_used: u32 = 0;
 
         let outcome: (Option<JobStatus>, String) = 'job: loop {
             boot_index += 1;
@@ -338,34 +339,78 @@ impl JobRun<'_> {
                 human(Some(min_off))
             ));
             log.flush().await;
-            let already_off_since = self.already_off_since().await;
-            let cycle = farmgate_pdu::power_cycle(
-                self.driver,
-                &self.spec.port_id,
-                min_off,
-                already_off_since,
-            );
-            let powered = tokio::select! {
-                r = cycle => r,
-                _ = self.cancel.cancelled() => break 'job (None, "job cancelled while powering the DUT".into()),
+            // infra_setup bounds each power cycle; expiring uses one of its retries.
+            let powered = loop {
+                let already_off_since = self.already_off_since().await;
+                let cycle = async {
+                    farmgate_pdu::power_off_for(
+                        self.driver,
+                        &self.spec.port_id,
+                        min_off,
+                        already_off_since,
+                    )
+                    .await?;
+                    // Lines that arrived up to now were printed before the power cut:
+                    // the user sees them, but they belong to the previous boot and are
+                    // not matched (a DUT that rebooted by itself may have started a
+                    // stale boot meanwhile).
+                    while let Ok(msg) = console_rx.try_recv() {
+                        match msg {
+                            ConsoleMsg::Note(text) => log.ctrl(text),
+                            ConsoleMsg::Line(line) => log.push(
+                                EventKind::JobIo,
+                                String::from_utf8_lossy(&line).into_owned(),
+                            ),
+                        }
+                    }
+                    self.driver.set(&self.spec.port_id, PortState::On).await
+                };
+                let bounded = async {
+                    match t.infra_setup.duration {
+                        Some(limit) => tokio::time::timeout(limit, cycle).await.ok(),
+                        None => Some(cycle.await),
+                    }
+                };
+                let attempt = tokio::select! {
+                    r = bounded => r,
+                    _ = self.cancel.cancelled() => break 'job (None, "job cancelled while powering the DUT".into()),
+                };
+                match attempt {
+                    Some(result) => break result,
+                    None if setup_retries_used < t.infra_setup.retries => {
+                        setup_retries_used += 1;
+                        log.ctrl(format!(
+                            "infra_setup timeout of {} expired while power cycling the DUT: trying again (retry {} of {})",
+                            human(t.infra_setup.duration),
+                            setup_retries_used,
+                            t.infra_setup.retries
+                        ));
+                        log.flush().await;
+                    }
+                    None => {
+                        break 'job (
+                            Some(JobStatus::SetupFail),
+                            format!(
+                                "infra_setup timeout of {} expired while power cycling the DUT{}",
+                                human(t.infra_setup.duration),
+                                if t.infra_setup.retries == 0 {
+                                    " (infra_setup has no retries)".to_string()
+                                } else {
+                                    format!(
+                                        " and all {} retries of infra_setup are used",
+                                        t.infra_setup.retries
+                                    )
+                                }
+                            ),
+                        );
+                    }
+                }
             };
             if let Err(e) = powered {
                 break 'job (
                     Some(JobStatus::SetupFail),
                     format!("power cycle failed: {e}"),
                 );
-            }
-            // Lines that arrived while the power was cut were printed before it: the
-            // user sees them, but they belong to the previous boot and are not matched
-            // (a DUT that rebooted by itself may have started a stale boot meanwhile).
-            while let Ok(msg) = console_rx.try_recv() {
-                match msg {
-                    ConsoleMsg::Note(text) => log.ctrl(text),
-                    ConsoleMsg::Line(line) => log.push(
-                        EventKind::JobIo,
-                        String::from_utf8_lossy(&line).into_owned(),
-                    ),
-                }
             }
             log.ctrl(format!(
                 "Boot {boot_index}: DUT powered on, waiting for the console (first activity within {}, boot cycle {})",
@@ -512,12 +557,12 @@ impl JobRun<'_> {
                     matcher.warn_seen(),
                 );
                 let detail = match status {
-                    JobStatus::Pass => "job_success matched".to_string(),
-                    JobStatus::Warn => "job_success and job_warn matched".to_string(),
-                    JobStatus::Fail => "job_success did not match".to_string(),
-                    _ => reason.clone(),
+                    JobStatus::Pass => "; job_success matched",
+                    JobStatus::Warn => "; job_success and job_warn matched",
+                    JobStatus::Fail => "; job_success did not match",
+                    _ => "",
                 };
-                (status, format!("{reason}; {detail}"))
+                (status, format!("{reason}{detail}"))
             }
         };
         (status, reason, unfit)

@@ -78,6 +78,20 @@ pub async fn power_cycle(
     min_off: Duration,
     already_off_since: Option<Instant>,
 ) -> Result<(), PowerError> {
+    power_off_for(driver, port_id, min_off, already_off_since).await?;
+    driver.set(port_id, PortState::On).await
+}
+
+/// The first half of [`power_cycle`]: the port is off and has been for at least
+/// `min_off` when this returns, ready to be switched on. For callers that have
+/// something to do between the two halves (a job runner forgets the console output of
+/// the previous boot there).
+pub async fn power_off_for(
+    driver: &dyn PduDriver,
+    port_id: &str,
+    min_off: Duration,
+    already_off_since: Option<Instant>,
+) -> Result<(), PowerError> {
     let off_since = match already_off_since {
         Some(since) => since,
         None => {
@@ -94,5 +108,5 @@ pub async fn power_cycle(
         );
         tokio::time::sleep(remaining).await;
     }
-    driver.set(port_id, PortState::On).await
+    Ok(())
 }

@@ -18,7 +18,7 @@
 //! # farmsim.script
 //!
 //! Commands separated by `;`: `print <text>`, `sleep <ms>`, `poweroff`, `reboot`,
-//! `panic`, `hang`, `echo_input` (see [`script::Step`]). Without one, the machine runs
+//! `panic`, `hang`, `echo_input`, `register` (see [`script::Step`]). Without one, the machine runs
 //! [`script::DEFAULT_SCRIPT`].
 
 mod console;

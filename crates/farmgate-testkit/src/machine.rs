@@ -208,6 +208,27 @@ async fn boot_once(env: &Env, port: &Port, generation: u64, behaviour: Behaviour
                 return Next::Halt;
             }
             Step::Hang => return Next::Halt,
+            Step::Register => {
+                let url = format!("{}/api/v1/dut/", env.gateway_url.trim_end_matches('/'));
+                let body = serde_json::json!({
+                    "id": port.mac,
+                    "base_name": "sim",
+                    "tags": [format!("farmsim:port:{}", port.id)],
+                    "local_tty_device": "ttyS0",
+                });
+                let answer = env.http.post(&url).json(&body).send().await;
+                match answer {
+                    Ok(r) if r.status().is_success() => {
+                        say("MaRS: Registration complete".into()).await
+                    }
+                    Ok(r) => {
+                        let status = r.status();
+                        let text = r.text().await.unwrap_or_default();
+                        say(format!("MaRS: registration refused: {status} {text}")).await
+                    }
+                    Err(e) => say(format!("MaRS: registration failed: {e}")).await,
+                }
+            }
             Step::EchoInput => {
                 let mut input = port.console.subscribe();
                 loop {

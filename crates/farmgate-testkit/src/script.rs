@@ -94,6 +94,11 @@ pub enum Step {
     Hang,
     /// Copy console input lines back to the console until power off.
     EchoInput,
+    /// Register with the gateway as CI-tron's registration program does:
+    /// `POST /api/v1/dut/` with the machine's MAC, base name `sim`, tags
+    /// `farmsim:port:<port>` and `local_tty_device: ttyS0`, then print
+    /// `MaRS: Registration complete` (or the gateway's refusal).
+    Register,
 }
 
 /// The script run when the command line has no `farmsim.script`.
@@ -151,6 +156,7 @@ pub fn parse_script(script: &str) -> Result<Vec<Step>, String> {
             "panic" => no_arg(Step::Panic)?,
             "hang" => no_arg(Step::Hang)?,
             "echo_input" => no_arg(Step::EchoInput)?,
+            "register" => no_arg(Step::Register)?,
             other => return Err(format!("unknown command `{other}` in `{part}`")),
         });
     }
@@ -200,9 +206,10 @@ mod tests {
 
     #[test]
     fn script_steps() {
-        let steps =
-            parse_script("print a; sleep 20; print b c;reboot;echo_input; hang; panic; poweroff")
-                .expect("parses");
+        let steps = parse_script(
+            "print a; sleep 20; print b c;reboot;echo_input; hang; panic; register; poweroff",
+        )
+        .expect("parses");
         assert_eq!(
             steps,
             vec![
@@ -213,6 +220,7 @@ mod tests {
                 Step::EchoInput,
                 Step::Hang,
                 Step::Panic,
+                Step::Register,
                 Step::Poweroff,
             ]
         );

@@ -112,7 +112,8 @@ async fn run() -> anyhow::Result<()> {
     for port in 1..=duts {
         opts = opts.dut(port, &["sim"], true);
     }
-    opts = opts.env("FARMGATE_LOG", "warn");
+    let log = std::env::var("FARMGATE_BENCH_LOG").unwrap_or_else(|_| "warn".into());
+    opts = opts.env("FARMGATE_LOG", &log);
     let setup = Instant::now();
     let gw = Gateway::start(opts).await;
     let daemon_pid = gw.daemon.as_ref().map(|c| c.id()).unwrap_or(0);
@@ -154,6 +155,7 @@ async fn run() -> anyhow::Result<()> {
     // Submit everything from 8 concurrent clients, remembering when each job was sent.
     let yaml = Arc::new(job_yaml());
     let start = Instant::now();
+    let (wall_ref, instant_ref) = (chrono::Utc::now(), Instant::now());
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..8 {
@@ -212,6 +214,7 @@ async fn run() -> anyhow::Result<()> {
     // Pair jobs with power-ons, per DUT, in start order.
     let mut per_dut: BTreeMap<String, Vec<&JobView>> = BTreeMap::new();
     let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
+    let mut failures: BTreeMap<String, usize> = BTreeMap::new();
     for j in finished
         .iter()
         .filter(|j| submitted.contains_key(&j.job_id))
@@ -219,18 +222,31 @@ async fn run() -> anyhow::Result<()> {
         *statuses
             .entry(j.status.map(|s| s.to_string()).unwrap_or_default())
             .or_default() += 1;
+        if j.status != Some(farmgate_wire::JobStatus::Complete) {
+            *failures
+                .entry(j.reason.clone().unwrap_or_default())
+                .or_default() += 1;
+        }
         if let Some(d) = &j.dut_id {
             per_dut.entry(d.clone()).or_default().push(j);
         }
     }
+    // A job's power-on is the first one on its DUT at or after the job started (the
+    // gateway's wall clock, converted to this process's monotonic clock; 5 ms of slack
+    // for the millisecond precision of the timestamps).
+    let to_instant = |rfc3339: &str| -> Option<Instant> {
+        let t = chrono::DateTime::parse_from_rfc3339(rfc3339).ok()?;
+        let delta = t.with_timezone(&chrono::Utc) - wall_ref;
+        match delta.to_std() {
+            Ok(after) => Some(instant_ref + after),
+            Err(_) => instant_ref.checked_sub((-delta).to_std().ok()?),
+        }
+    };
     let mut latencies = Vec::new();
+    let mut first_wave = Vec::new();
     let mut power_ons = Vec::new();
     for port in 1..=duts {
         let mac = farmgate_testkit::mac_of(port);
-        let Some(list) = per_dut.get_mut(&mac) else {
-            continue;
-        };
-        list.sort_by(|a, b| a.started_at.cmp(&b.started_at));
         let ons: Vec<Instant> = gw
             .farm
             .power_log(port)
@@ -238,25 +254,35 @@ async fn run() -> anyhow::Result<()> {
             .filter(|(t, on)| *on && *t >= start)
             .map(|(t, _)| t)
             .collect();
-        for (job, on) in list.iter().zip(&ons) {
-            if let Some(sent) = submitted.get(&job.job_id) {
-                latencies.push(on.saturating_duration_since(*sent));
+        if let Some(list) = per_dut.get_mut(&mac) {
+            list.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+            for (k, job) in list.iter().enumerate() {
+                let (Some(sent), Some(started)) = (
+                    submitted.get(&job.job_id),
+                    job.started_at.as_deref().and_then(to_instant),
+                ) else {
+                    continue;
+                };
+                let slack = started
+                    .checked_sub(Duration::from_millis(5))
+                    .unwrap_or(started);
+                if let Some(on) = ons.iter().find(|t| **t >= slack) {
+                    latencies.push(on.saturating_duration_since(*sent));
+                    if k == 0 {
+                        first_wave.push(on.saturating_duration_since(*sent));
+                    }
+                }
             }
         }
         power_ons.extend(ons);
     }
     latencies.sort();
+    first_wave.sort();
     power_ons.sort();
-    // Dispatch rate while the queue was full: power-ons per second between the first
-    // and the last power-on.
+    // Dispatch rate: power-ons per second between the first and the last power-on.
     let dispatch_rate = match (power_ons.first(), power_ons.last()) {
         (Some(a), Some(b)) if b > a => power_ons.len() as f64 / (*b - *a).as_secs_f64(),
         _ => 0.0,
-    };
-    let first_wave: Vec<Duration> = {
-        let mut v = latencies.clone();
-        v.truncate(duts as usize);
-        v
     };
 
     println!();
@@ -270,7 +296,7 @@ async fn run() -> anyhow::Result<()> {
         ms(percentile(&latencies, 0.99))
     );
     println!(
-        "| submit-to-power-on p50 / p99 (first {} jobs, a DUT free) | {} / {} |",
+        "| submit-to-power-on p50 / p99 (first job of each of {} DUTs) | {} / {} |",
         first_wave.len(),
         ms(percentile(&first_wave, 0.50)),
         ms(percentile(&first_wave, 0.99))
@@ -289,6 +315,40 @@ async fn run() -> anyhow::Result<()> {
         "| job runner peak RSS (largest; up to {max_runners} at once) | {:.1} MiB |",
         runner_rss as f64 / 1024.0
     );
+    for (reason, n) in &failures {
+        println!("not COMPLETE ({n}): {reason}");
+    }
+    if let Some(j) = finished.iter().find(|j| {
+        submitted.contains_key(&j.job_id) && j.status != Some(farmgate_wire::JobStatus::Complete)
+    }) {
+        let events = http
+            .get(format!("{url}/api/v1/job/{}/events", j.job_id))
+            .send()
+            .await?
+            .text()
+            .await?;
+        println!("events of {} on {:?}:\n{events}", j.job_id, j.dut_id);
+        if let Some(port) = (1..=duts).find(|p| Some(farmgate_testkit::mac_of(*p)) == j.dut_id) {
+            let log: Vec<String> = gw
+                .farm
+                .power_log(port)
+                .iter()
+                .map(|(t, on)| {
+                    format!(
+                        "{:.3}:{}",
+                        t.saturating_duration_since(start).as_secs_f64(),
+                        if *on { "on" } else { "off" }
+                    )
+                })
+                .collect();
+            println!("power log of port {port}: {log:?}");
+        }
+        if std::env::var_os("FARMGATE_BENCH_KEEP").is_some() {
+            println!("kept: {}", gw.dir.path().display());
+            std::mem::forget(gw);
+            return Ok(());
+        }
+    }
     anyhow::ensure!(
         latencies.len() == jobs,
         "paired only {} of {jobs} jobs with a power-on",

@@ -110,6 +110,64 @@ async fn timeouts_without_retries_end_the_job_incomplete() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_console_activity_and_infra_setup_timeouts_retry_then_give_up() {
+    let gw = Gateway::start(
+        GatewayOptions::default()
+            .dut(1, &["sim"], true)
+            .behaviour(1, Behaviour::Dead),
+    )
+    .await;
+    let job = gw.write_job(
+        "dead-retry.yml",
+        &sim_job(
+            "poweroff",
+            "",
+            "  first_console_activity:\n    seconds: 1\n    retries: 1\n",
+        ),
+    );
+    let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Incomplete), "{}", r.all());
+    assert!(
+        r.stderr.contains("retry 1 of 1 for first_console_activity"),
+        "{}",
+        r.all()
+    );
+    assert_eq!(gw.farm.boot_count(1), 2, "booted once, retried once");
+
+    // The DUT must stay off 2 s between boots, but the job allows 0.5 s of setup: each
+    // power cycle overruns infra_setup; after its retry the job is a setup failure.
+    gw.farm.set_behaviour(1, Behaviour::Healthy);
+    let r = gw
+        .http
+        .patch(format!("{}/api/v1/dut/{}", gw.url(), mac(1)))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"pdu_off_delay": 2.0}))
+        .send()
+        .await
+        .expect("PATCH dut");
+    assert!(r.status().is_success(), "{:?}", r.text().await);
+    let job = gw.write_job(
+        "slow-setup.yml",
+        &sim_job(
+            "poweroff",
+            "",
+            "  infra_setup:\n    milliseconds: 500\n    retries: 1\n",
+        ),
+    );
+    let before = gw.farm.boot_count(1);
+    let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::SetupFail), "{}", r.all());
+    assert!(r.stderr.contains("(retry 1 of 1)"), "{}", r.all());
+    assert!(
+        r.stderr.contains("all 1 retries of infra_setup are used"),
+        "{}",
+        r.all()
+    );
+    assert_eq!(gw.farm.boot_count(1), before, "never powered on");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_activity_and_boot_cycle_timeouts_retry_then_give_up() {
     let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
     // Goes silent after one line: console_activity expires, is retried once, expires again.
@@ -343,6 +401,106 @@ async fn new_machine_trains_then_serves() {
         "three boot-loop rounds:\n{}",
         gw.logs()
     );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_enrolls_a_blank_port_which_registers_trains_and_serves() {
+    // Port 3 is in no MaRS entry: the admin only knows which PDU port the new machine
+    // is plugged into. The default boot configuration runs the (simulated)
+    // registration program, then the boot-loop check.
+    let gw = Gateway::start(
+        GatewayOptions::default()
+            .env(
+                "BOOTS_DEFAULT_CMDLINE",
+                "console=ttyS0 farmsim.script=\"register; print bootloop round; poweroff\"",
+            )
+            .env("SERGENT_HARTMAN_BOOT_COUNT", "2")
+            .env("SERGENT_HARTMAN_QUALIFYING_BOOT_COUNT", "2")
+            .env("FARMGATE_DEFAULT_PDU_OFF_DELAY", "0.2"),
+    )
+    .await;
+    let discover = |token: &'static str| {
+        gw.http
+            .post(format!("{}/api/v1/dut/discover", gw.url()))
+            .bearer_auth(token)
+            .json(&serde_json::json!({"pdu": "SIM", "port_id": 3, "timeout": 60}))
+            .send()
+    };
+    let r = discover(SUBMIT).await.expect("POST discover");
+    assert_eq!(r.status(), 403, "discovery is an admin action");
+    let r = discover(ADMIN).await.expect("POST discover");
+    assert!(r.status().is_success(), "{:?}", r.text().await);
+
+    // The machine powers up, registers, is bound to SIM port 3 and trains.
+    let deadline = std::time::Instant::now() + LIMIT;
+    let view = loop {
+        let r = gw
+            .http
+            .get(format!("{}/api/v1/dut/{}", gw.url(), mac(3)))
+            .send()
+            .await
+            .expect("GET dut");
+        if r.status().is_success() {
+            let v: farmgate_wire::DutView = r.json().await.expect("dut json");
+            if v.state == DutState::Idle {
+                break v;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the discovered machine never became IDLE:\n{}",
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(view.record.pdu.as_deref(), Some("SIM"));
+    assert_eq!(view.record.pdu_port_id.as_deref(), Some("3"));
+    assert!(view.record.ready_for_service);
+    assert_eq!(
+        view.record.pdu_off_delay, 0.2,
+        "FARMGATE_DEFAULT_PDU_OFF_DELAY"
+    );
+    assert_eq!(view.full_name, "testfarm-sim-1");
+    assert!(
+        view.record.tags.iter().any(|t| t == "farmsim:port:3"),
+        "{view:?}"
+    );
+    let saved = &gw.mars().duts[&mac(3)];
+    assert_eq!(
+        saved.pdu_port_id.as_deref(),
+        Some("3"),
+        "written to the MaRS file"
+    );
+    assert!(saved.ready_for_service);
+    // One boot for the registration, then two training rounds (each registers again,
+    // which only refreshes the record).
+    assert!(
+        gw.farm.boot_count(3) >= 2,
+        "boots: {}",
+        gw.farm.boot_count(3)
+    );
+    // The discovery is over.
+    let d: farmgate_wire::DiscoverState = gw
+        .http
+        .get(format!("{}/api/v1/dut/discover", gw.url()))
+        .send()
+        .await
+        .expect("GET discover")
+        .json()
+        .await
+        .expect("discover json");
+    assert!(d.pdu.is_none(), "{d:?}");
+
+    // And it serves jobs.
+    let job = gw.write_job(
+        "after-enroll.yml",
+        &sim_job("print hello; poweroff", "", ""),
+    );
+    let r = gw
+        .farmctl_run(&["run", "-i", &mac(3), path_str(&job)], LIMIT)
+        .await;
+    assert_eq!(r.code, code(JobStatus::Complete), "{}", r.all());
     gw.stop().await;
 }
 
