@@ -10,9 +10,11 @@
 //!   (lower-cased). A machine bound again from another device moves to that device.
 //!
 //! Each machine gets one TCP listener (OS-assigned port, stable for the life of the
-//! process). One client at a time receives the device's output from its connection on, and
-//! what it sends is written to the device; a second client is told so and closed. Bytes are
-//! relayed as they come; lines are only cut for the association protocol.
+//! process). One client at a time receives the device's output from the moment SALAD has
+//! registered it (shown by [`MachineInfo::client`]; the kernel completes a TCP connection
+//! before SALAD accepts it, so output read in between goes to nobody), and what it sends is
+//! written to the device; a second client is told so and closed. Bytes are relayed as they
+//! come; lines are only cut for the association protocol.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -112,6 +114,13 @@ pub struct MachineInfo {
     pub tcp_port: u16,
     /// Whether a client is connected to that port.
     pub has_client: bool,
+    /// The address of the connected client, once SALAD has registered it (omitted when
+    /// there is none). Device output is relayed to a client from this point on, never
+    /// before: a client that must not miss the first bytes of a boot (a job runner) waits
+    /// until this shows its own local address before powering the machine on. The TCP
+    /// connection itself carries only console bytes, so `nc` users see no protocol.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<SocketAddr>,
 }
 
 /// A console line that means something to SALAD.
@@ -284,12 +293,23 @@ async fn write_all_fd(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> io::Result<()> 
 
 struct Client {
     generation: u64,
+    peer: SocketAddr,
     tx: mpsc::Sender<Vec<u8>>,
 }
 
 struct Machine {
     port: u16,
     client: Option<Client>,
+}
+
+impl Machine {
+    fn info(&self) -> MachineInfo {
+        MachineInfo {
+            tcp_port: self.port,
+            has_client: self.client.is_some(),
+            client: self.client.as_ref().map(|c| c.peer),
+        }
+    }
 }
 
 struct Device {
@@ -400,25 +420,14 @@ impl Salad {
         self.state()
             .machines
             .iter()
-            .map(|(id, m)| {
-                (
-                    id.clone(),
-                    MachineInfo {
-                        tcp_port: m.port,
-                        has_client: m.client.is_some(),
-                    },
-                )
-            })
+            .map(|(id, m)| (id.clone(), m.info()))
             .collect()
     }
 
     /// One machine (id compared case-insensitively), if known.
     pub fn machine(&self, id: &str) -> Option<MachineInfo> {
         let id = id.to_ascii_lowercase();
-        self.state().machines.get(&id).map(|m| MachineInfo {
-            tcp_port: m.port,
-            has_client: m.client.is_some(),
-        })
+        self.state().machines.get(&id).map(Machine::info)
     }
 
     /// The TCP port of a machine's console, creating its listener if the machine is not
@@ -734,7 +743,11 @@ impl Salad {
                 let generation = state.generation();
                 match state.machines.get_mut(&id) {
                     Some(m) if m.client.is_none() => {
-                        m.client = Some(Client { generation, tx });
+                        m.client = Some(Client {
+                            generation,
+                            peer,
+                            tx,
+                        });
                         Some(generation)
                     }
                     _ => None,

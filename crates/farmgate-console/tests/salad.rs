@@ -380,7 +380,8 @@ async fn machine_port_validates_and_is_stable() {
         fx.salad.machine("ab:cd"),
         Some(farmgate_console::MachineInfo {
             tcp_port: p,
-            has_client: false
+            has_client: false,
+            client: None,
         })
     );
     assert!(matches!(
@@ -409,4 +410,50 @@ async fn bad_configuration_is_reported() {
         .await
         .expect_err("bad baud");
     assert!(matches!(err, ConsoleError::BadBaud(12_345)), "{err}");
+}
+
+/// Regression: the kernel completes a client's TCP connection before SALAD accepts and
+/// registers it, and device output read in between is relayed to nobody. A client that
+/// must not miss the first bytes (the job runner, which powers the DUT on right after)
+/// needs a positive signal that does not put protocol bytes on the raw console stream:
+/// the REST view names the registered client's address.
+#[tokio::test]
+async fn the_registered_client_is_named_and_gets_all_output_from_then_on() {
+    let fx = Fixture::new().await;
+    let port = fx.port("ttySIM9").await;
+    let tcp_port = fx.announce(&port, "52:54:00:11:22:09").await;
+    assert_eq!(
+        fx.salad.machine("52:54:00:11:22:09").and_then(|m| m.client),
+        None
+    );
+    let mut sock = TcpStream::connect((LOCALHOST, tcp_port))
+        .await
+        .expect("connect");
+    let local = sock.local_addr().expect("local addr");
+    wait_for("SALAD to name this client", || {
+        fx.salad.machine("52:54:00:11:22:09").and_then(|m| m.client) == Some(local)
+    })
+    .await;
+    let info = fx.salad.machine("52:54:00:11:22:09").expect("machine");
+    assert!(info.has_client);
+    assert_eq!(
+        serde_json::to_value(info).expect("serialise"),
+        serde_json::json!({"tcp_port": tcp_port, "has_client": true, "client": local.to_string()})
+    );
+    // From the moment the client is named, the first byte the device prints reaches it.
+    port.write(b"SALAD.machine_id=52:54:00:11:22:09\nfirst boot line\n")
+        .await;
+    let got = read_tcp_until(&mut sock, b"first boot line\n").await;
+    assert!(
+        got.starts_with(b"SALAD.machine_id=52:54:00:11:22:09\n"),
+        "nothing before the first line, and no protocol noise: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    drop(sock);
+    wait_for("the client to be forgotten", || {
+        fx.salad
+            .machine("52:54:00:11:22:09")
+            .is_some_and(|m| m.client.is_none() && !m.has_client)
+    })
+    .await;
 }

@@ -33,6 +33,47 @@ struct MachineInfo {
     tcp_port: u16,
     #[serde(default)]
     has_client: bool,
+    /// The client SALAD has registered (farmgate's SALAD; CI-tron's does not say).
+    #[serde(default)]
+    client: Option<std::net::SocketAddr>,
+}
+
+/// How long the link waits for SALAD to show it registered our connection before it
+/// reports the console up anyway.
+const REGISTRATION_WAIT: Duration = Duration::from_secs(5);
+
+/// Wait until SALAD's REST API shows `local` as the machine's registered client: only
+/// from then on does SALAD relay device output to this connection. The kernel completes
+/// the TCP handshake before SALAD's accept loop has registered the client, and the DUT
+/// must not be powered on in between or its first lines go to nobody. Returns whether
+/// the registration was seen (false: another client holds the machine, SALAD does not
+/// report its clients, or it did not answer in time).
+async fn wait_registered(
+    client: &reqwest::Client,
+    url: &str,
+    local: std::net::SocketAddr,
+    cancel: &CancellationToken,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + REGISTRATION_WAIT;
+    loop {
+        let info = match client.get(url).send().await {
+            Ok(resp) if resp.status().is_success() => resp.json::<MachineInfo>().await.ok(),
+            _ => None,
+        };
+        match info.and_then(|i| i.has_client.then_some(i.client)) {
+            Some(Some(peer)) if peer == local => return true,
+            // Someone else holds the machine: SALAD refuses us and the link reconnects.
+            Some(Some(_)) => return false,
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+        }
+    }
 }
 
 /// How long the link waits for SALAD to notice that the previous client of the machine
@@ -123,6 +164,16 @@ pub fn spawn_console_link(
             };
             match stream {
                 Some(mut stream) => {
+                    let registered = match stream.local_addr() {
+                        Ok(local) => wait_registered(&client, &url, local, &cancel).await,
+                        Err(_) => false,
+                    };
+                    if cancel.is_cancelled() {
+                        return;
+                    }
+                    if !registered {
+                        tracing::debug!(machine = %machine_id, "SALAD did not show this link as the console client; going on");
+                    }
                     let _ = up_tx.send(true);
                     if was_connected || complained {
                         let _ = tx
@@ -189,6 +240,91 @@ mod tests {
         );
         assert_eq!(s.feed(b"ee\n"), vec![b"three".to_vec()]);
         assert!(s.feed(b"").is_empty());
+    }
+
+    /// A SALAD stand-in: its REST answer names the registered client only once the test
+    /// says so, like a real SALAD whose accept loop runs late under load.
+    async fn fake_salad() -> (
+        String,
+        watch::Sender<Option<std::net::SocketAddr>>,
+        mpsc::Receiver<tokio::net::TcpStream>,
+    ) {
+        use tokio::io::AsyncWriteExt;
+        let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay_port = relay.local_addr().unwrap().port();
+        let (conn_tx, conn_rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = relay.accept().await {
+                let _ = conn_tx.send(sock).await;
+            }
+        });
+        let (reg_tx, reg_rx) = watch::channel(None::<std::net::SocketAddr>);
+        let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", rest.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = rest.accept().await {
+                let reg = reg_rx.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let client = *reg.borrow();
+                    let body = match client {
+                        Some(c) => format!(
+                            r#"{{"tcp_port":{relay_port},"has_client":true,"client":"{c}"}}"#
+                        ),
+                        None => format!(r#"{{"tcp_port":{relay_port},"has_client":false}}"#),
+                    };
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        (url, reg_tx, conn_rx)
+    }
+
+    /// Regression: the link reported the console up as soon as its TCP connection was
+    /// established, before SALAD had registered it; the runner then powered the DUT on and
+    /// the first lines (often the whole short boot) were relayed to nobody.
+    #[tokio::test]
+    async fn the_link_is_up_only_once_salad_has_registered_it() {
+        let (url, register, mut conns) = fake_salad().await;
+        let (tx, mut rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let (task, mut up) = spawn_console_link(url, "aa:bb".into(), tx, cancel.clone());
+        let mut sock = tokio::time::timeout(Duration::from_secs(5), conns.recv())
+            .await
+            .expect("the link connects")
+            .expect("a connection");
+        // Connected at the TCP level, not registered by SALAD: not up, however long.
+        let early = tokio::time::timeout(Duration::from_millis(300), up.wait_for(|u| *u))
+            .await
+            .is_ok();
+        assert!(!early, "the link is up before SALAD registered it");
+        // SALAD registers our connection (the stand-in sees the link's local address as
+        // the peer of the accepted socket).
+        register.send(Some(sock.peer_addr().unwrap())).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), up.wait_for(|u| *u))
+            .await
+            .expect("up once registered")
+            .expect("link alive");
+        use tokio::io::AsyncWriteExt;
+        sock.write_all(b"first line\n").await.unwrap();
+        let msg = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .expect("a line")
+            .expect("link alive");
+        assert_eq!(msg, ConsoleMsg::Line(b"first line".to_vec()));
+        cancel.cancel();
+        let _ = task.await;
     }
 
     #[test]

@@ -1081,17 +1081,14 @@ impl Executor {
         let candidates: Vec<String> = mars
             .duts
             .iter()
-            .filter(|(id, r)| {
-                Self::matches(&target, id, r)
-                    && Self::usable(r)
-                    && !r.is_retired
-                    && (r.ready_for_service || !self.hartman_enabled())
-            })
+            // A machine still in training counts: it will serve once trained, and a
+            // job waiting for it (-w) is what a user who just enrolled it expects.
+            .filter(|(id, r)| Self::matches(&target, id, r) && Self::usable(r) && !r.is_retired)
             .map(|(id, _)| id.to_lowercase())
             .collect();
         if candidates.is_empty() {
             return Err(ExecError::NoMatch(format!(
-                "no machine of this farm that is in service matches the target (id: {}, tags: [{}])",
+                "no machine of this farm (retired ones aside) matches the target (id: {}, tags: [{}])",
                 target.id.as_deref().unwrap_or("any"),
                 target.tags.join(", ")
             )));
@@ -1103,7 +1100,7 @@ impl Executor {
         });
         if !free && !metadata.wait {
             return Err(ExecError::Busy(format!(
-                "all {} matching machine(s) are busy; submit with --wait to queue",
+                "all {} matching machine(s) are busy or still training; submit with --wait to queue",
                 candidates.len()
             )));
         }

@@ -342,6 +342,12 @@ impl SimFarm {
 impl Drop for SimFarm {
     fn drop(&mut self) {
         self.stop();
+        // The ptys close with the farm and the kernel hands their /dev/pts numbers to the
+        // next ptys opened; a link left behind would lead whoever still scans it (a SALAD
+        // that outlived its test) to another farm's console.
+        for port in self.shared.ports.values() {
+            port.console.unlink();
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -596,4 +596,26 @@ async fn farm_sim_binary_serves_until_sigterm() {
         .expect("farm-sim runs");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("grumpy"));
+}
+
+/// Regression: a dropped farm left its `ttySIM*` links behind. The kernel hands the closed
+/// ptys' /dev/pts numbers to the next ptys opened, so a SALAD that outlived its test (a
+/// kept benchmark's daemon) followed the stale links into the next farm's consoles and
+/// read, i.e. stole, their output: DUTs of the next run lost their console on every job.
+#[tokio::test]
+async fn dropping_a_farm_removes_its_console_links() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, _gw) = fake_gateway(vec![script("hang")]).await;
+    let farm = farm(&url, dir.path(), &[]).await;
+    let links: Vec<PathBuf> = farm.ports().iter().map(|p| farm.console_path(*p)).collect();
+    for link in &links {
+        assert!(std::fs::symlink_metadata(link).is_ok(), "{link:?} exists");
+    }
+    drop(farm);
+    for link in &links {
+        assert!(
+            std::fs::symlink_metadata(link).is_err(),
+            "{link:?} still exists after the farm was dropped"
+        );
+    }
 }

@@ -115,7 +115,7 @@ async fn run() -> anyhow::Result<()> {
     let log = std::env::var("FARMGATE_BENCH_LOG").unwrap_or_else(|_| "warn".into());
     opts = opts.env("FARMGATE_LOG", &log);
     let setup = Instant::now();
-    let gw = Gateway::start(opts).await;
+    let mut gw = Gateway::start(opts).await;
     let daemon_pid = gw.daemon.as_ref().map(|c| c.id()).unwrap_or(0);
     let url = gw.url();
     let http = reqwest::Client::builder()
@@ -345,6 +345,11 @@ async fn run() -> anyhow::Result<()> {
         }
         if std::env::var_os("FARMGATE_BENCH_KEEP").is_some() {
             println!("kept: {}", gw.dir.path().display());
+            // Keep the directory, not the daemon: a leftover daemon's SALAD would read the
+            // consoles of the next run's farm (recycled /dev/pts numbers behind the kept
+            // `ttySIM*` links).
+            gw.kill_daemon();
+            gw.farm.shutdown().await;
             std::mem::forget(gw);
             return Ok(());
         }
