@@ -42,18 +42,27 @@ struct MachineInfo {
 /// reports the console up anyway.
 const REGISTRATION_WAIT: Duration = Duration::from_secs(5);
 
+/// What SALAD's REST API says of our connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Registration {
+    /// SALAD names our socket as the machine's client: it relays to us from now on.
+    Ours,
+    /// Another client holds the machine: SALAD refuses us.
+    Taken,
+    /// SALAD does not say (CI-tron's SALAD has no `client` field) or did not answer.
+    Unknown,
+}
+
 /// Wait until SALAD's REST API shows `local` as the machine's registered client: only
 /// from then on does SALAD relay device output to this connection. The kernel completes
 /// the TCP handshake before SALAD's accept loop has registered the client, and the DUT
-/// must not be powered on in between or its first lines go to nobody. Returns whether
-/// the registration was seen (false: another client holds the machine, SALAD does not
-/// report its clients, or it did not answer in time).
+/// must not be powered on in between or its first lines go to nobody.
 async fn wait_registered(
     client: &reqwest::Client,
     url: &str,
     local: std::net::SocketAddr,
     cancel: &CancellationToken,
-) -> bool {
+) -> Registration {
     let deadline = tokio::time::Instant::now() + REGISTRATION_WAIT;
     loop {
         let info = match client.get(url).send().await {
@@ -61,16 +70,15 @@ async fn wait_registered(
             _ => None,
         };
         match info.and_then(|i| i.has_client.then_some(i.client)) {
-            Some(Some(peer)) if peer == local => return true,
-            // Someone else holds the machine: SALAD refuses us and the link reconnects.
-            Some(Some(_)) => return false,
+            Some(Some(peer)) if peer == local => return Registration::Ours,
+            Some(Some(_)) => return Registration::Taken,
             _ => {}
         }
         if tokio::time::Instant::now() >= deadline {
-            return false;
+            return Registration::Unknown;
         }
         tokio::select! {
-            _ = cancel.cancelled() => return false,
+            _ = cancel.cancelled() => return Registration::Unknown,
             _ = tokio::time::sleep(Duration::from_millis(5)) => {}
         }
     }
@@ -166,12 +174,30 @@ pub fn spawn_console_link(
                 Some(mut stream) => {
                     let registered = match stream.local_addr() {
                         Ok(local) => wait_registered(&client, &url, local, &cancel).await,
-                        Err(_) => false,
+                        Err(_) => Registration::Unknown,
                     };
                     if cancel.is_cancelled() {
                         return;
                     }
-                    if !registered {
+                    if registered == Registration::Taken {
+                        // Refused: the previous client (a job runner still exiting, or
+                        // a person with `nc`) holds the console. Not up; try again.
+                        drop(stream);
+                        if !complained {
+                            complained = true;
+                            let _ = tx
+                                .send(ConsoleMsg::Note(format!(
+                                    "the console of {machine_id} is held by another client; waiting for it"
+                                )))
+                                .await;
+                        }
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        }
+                        continue;
+                    }
+                    if registered == Registration::Unknown {
                         tracing::debug!(machine = %machine_id, "SALAD did not show this link as the console client; going on");
                     }
                     let _ = up_tx.send(true);

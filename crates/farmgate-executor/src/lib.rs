@@ -33,3 +33,21 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
     }
     Ok(hard.max(soft))
 }
+
+/// Wait until the process is asked to stop (SIGTERM or SIGINT). If the handlers cannot
+/// be installed, never returns: the process then stops only when killed.
+pub async fn stop_requested() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}

@@ -141,13 +141,22 @@ pub async fn run_job(store: Arc<dyn Store>, job_id: &str) -> anyhow::Result<JobS
         return Ok(status);
     }
 
-    let lock = try_lock_dut(&spec.locks_dir, &spec.dut_id)
-        .with_context(|| format!("cannot open the lock of DUT {}", spec.dut_id))?;
-    let Some(_lock) = lock else {
-        anyhow::bail!(
-            "DUT {} is locked by another job runner; refusing to run job {job_id}",
-            spec.dut_id
-        );
+    // The previous job's runner may still be exiting (it has written its result, the
+    // DUT is already ours): give it a moment to release the DUT.
+    let lock_deadline = Instant::now() + Duration::from_secs(30);
+    let _lock = loop {
+        let lock = try_lock_dut(&spec.locks_dir, &spec.dut_id)
+            .with_context(|| format!("cannot open the lock of DUT {}", spec.dut_id))?;
+        match lock {
+            Some(lock) => break lock,
+            None if Instant::now() < lock_deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            None => anyhow::bail!(
+                "DUT {} is locked by another job runner; refusing to run job {job_id}",
+                spec.dut_id
+            ),
+        }
     };
     {
         let store = store.clone();
@@ -246,17 +255,7 @@ async fn record_shutdown(store: &Arc<dyn Store>, spec: &RunnerSpec) {
 fn spawn_cancel_watchers(store: Arc<dyn Store>, job_id: String, cancel: CancellationToken) {
     let c = cancel.clone();
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        crate::stop_requested().await;
         c.cancel();
     });
     tokio::spawn(async move {
@@ -310,16 +309,28 @@ impl JobRun<'_> {
             self.cancel.child_token(),
         );
         // Power on only once the console is relayed, so the first boot lines are not
-        // lost; a console that cannot be reached is reported and timed by the job's
-        // own timeouts rather than blocking forever.
+        // lost; a console that cannot be reached within infra_setup ends the job as a
+        // setup failure.
         // (The borrow `wait_for` returns must not outlive this statement: the link's
         // sender cannot publish while it is held.)
-        let connected = matches!(
-            tokio::time::timeout(Duration::from_secs(10), console_up.wait_for(|up| *up)).await,
-            Ok(Ok(_))
-        );
+        let console_wait = t.infra_setup.duration.unwrap_or(Duration::from_secs(600));
+        let connected = tokio::select! {
+            r = tokio::time::timeout(console_wait, console_up.wait_for(|up| *up)) => matches!(r, Ok(Ok(_))),
+            _ = self.cancel.cancelled() => {
+                console_task.abort();
+                return (JobStatus::Incomplete, "job cancelled while connecting to the DUT's console".into(), false);
+            }
+        };
         if !connected {
-            log.ctrl("the DUT's console is not reachable through SALAD yet; booting anyway");
+            console_task.abort();
+            return (
+                JobStatus::SetupFail,
+                format!(
+                    "the DUT's console was not relayed by SALAD within infra_setup ({}); the DUT was not powered on",
+                    human(Some(console_wait))
+                ),
+                false,
+            );
         }
         let mut boot_index: u32 = 0;
         let mut unfit = false;

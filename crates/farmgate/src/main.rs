@@ -150,17 +150,7 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
     {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+            farmgate_executor::stop_requested().await;
             tracing::info!("shutting down (running jobs go on in their own processes)");
             shutdown.cancel();
         });

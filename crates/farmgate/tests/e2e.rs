@@ -168,6 +168,93 @@ async fn first_console_activity_and_infra_setup_timeouts_retry_then_give_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_activity_boot_cycle_and_watchdog_without_retries_end_at_once() {
+    let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
+    let cases = [
+        (
+            "print starting; hang",
+            "  console_activity:\n    seconds: 1\n",
+            "console_activity timeout of 1.0 s expired (console_activity has no retries)",
+        ),
+        (
+            "print a; sleep 300; print b; sleep 300; print c; sleep 300; print d; sleep 300; print e; sleep 5000",
+            "  boot_cycle:\n    seconds: 1\n",
+            "boot_cycle timeout of 1.0 s expired (boot_cycle has no retries)",
+        ),
+    ];
+    for (script, timeouts, expected) in cases {
+        let job = gw.write_job("no-retry.yml", &sim_job(script, "", timeouts));
+        let before = gw.farm.boot_count(1);
+        let r = gw.farmctl_run(&["run", "-w", path_str(&job)], LIMIT).await;
+        assert_eq!(r.code, code(JobStatus::Incomplete), "{}", r.all());
+        assert!(r.stderr.contains(expected), "{expected}\n{}", r.all());
+        assert_eq!(gw.farm.boot_count(1) - before, 1, "no second boot");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mars_file_edits_apply_live_and_bad_edits_are_ignored() {
+    let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
+    let job = gw.write_job(
+        "gpu.yml",
+        &sim_job("print hi; poweroff", "", "").replace("tags: [sim]", "tags: [sim, gpu:new]"),
+    );
+    let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
+    assert_eq!(r.code, Some(7), "no machine has gpu:new yet: {}", r.all());
+    assert!(r.stderr.contains("406"), "{}", r.all());
+
+    // A broken edit is reported and ignored: the farm keeps its last good database.
+    let good = std::fs::read_to_string(gw.mars_path()).expect("read mars");
+    std::fs::write(gw.mars_path(), "duts: [unclosed\n").expect("write mars");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = gw
+        .farmctl_run(
+            &[
+                "run",
+                "-w",
+                path_str(&gw.write_job("plain.yml", &sim_job("print hi; poweroff", "", ""))),
+            ],
+            LIMIT,
+        )
+        .await;
+    assert_eq!(
+        r.code,
+        code(JobStatus::Complete),
+        "the last good MaRS DB stays in force: {}",
+        r.all()
+    );
+    assert!(
+        gw.logs().contains("line"),
+        "the bad edit is reported with its line"
+    );
+
+    // The admin adds the tag by editing the file; the gateway picks it up by itself.
+    let mut db: farmgate_wire::MarsDb = serde_yaml_ng::from_str(&good).expect("yaml");
+    db.duts
+        .get_mut(&mac(1))
+        .expect("dut 1")
+        .tags
+        .push("gpu:new".into());
+    std::fs::write(gw.mars_path(), serde_yaml_ng::to_string(&db).expect("yaml")).expect("write");
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        if gw.dut(1).await.record.tags.iter().any(|t| t == "gpu:new") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "edit not applied:\n{}",
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = gw.farmctl_run(&["run", "-w", path_str(&job)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Complete), "{}", r.all());
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_activity_and_boot_cycle_timeouts_retry_then_give_up() {
     let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
     // Goes silent after one line: console_activity expires, is retried once, expires again.
