@@ -951,6 +951,16 @@ impl Executor {
                 continue;
             }
             if row.runner_started {
+                // The runner may have taken the lock and started after the test above:
+                // runner_started is set under the lock, so test the lock again now, and
+                // look at the row once more in case it finished and exited meanwhile.
+                if dut_lock_held(&locks, &dut_id).unwrap_or(true) {
+                    continue;
+                }
+                match store.get_job(&row.job_id) {
+                    Ok(Some(again)) if again.state != JobState::Finished => {}
+                    _ => continue,
+                }
                 let _ = store.finish_job(
                     &row.job_id,
                     JobStatus::Incomplete,

@@ -347,7 +347,17 @@ async fn run() -> anyhow::Result<()> {
     }
     let done = wait_finished(&http, &url, &queued_ids, &mut rss).await?;
     let drain_wall = release.elapsed();
-    let blockers_done = wait_finished(&http, &url, &blockers, &mut rss).await?;
+    // (The blockers are older than the last 10,000 jobs the list endpoint returns.)
+    let mut blockers_done = Vec::new();
+    for id in blockers.keys() {
+        let view: JobView = http
+            .get(format!("{url}/api/v1/job/{id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        blockers_done.push(view);
+    }
     let daemon_rss = peak_rss_kib(daemon_pid).unwrap_or(0);
     let ons = power_ons(&gw, duts, &done, &clock);
     let mut on_times: Vec<Instant> = ons.values().copied().collect();
