@@ -168,7 +168,7 @@ async fn first_console_activity_and_infra_setup_timeouts_retry_then_give_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn console_activity_boot_cycle_and_watchdog_without_retries_end_at_once() {
+async fn console_activity_and_boot_cycle_without_retries_end_at_once() {
     let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
     let cases = [
         (
@@ -351,7 +351,7 @@ deployment:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watchdog_started_by_pattern_expires() {
+async fn watchdog_expires_without_then_with_a_retry() {
     let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
     let job = r#"version: 1
 target:
@@ -383,6 +383,29 @@ deployment:
     assert!(
         r.stderr
             .contains("watchdog heartbeat timeout of 1.0 s expired"),
+        "{}",
+        r.all()
+    );
+
+    // With a retry: the first boot's heartbeat stops, the DUT is rebooted into the
+    // `continue` deployment, whose heartbeat is stopped cleanly before the end.
+    let job = job
+        .replace("      seconds: 1\n", "      seconds: 1\n      retries: 1\n")
+        .replace(
+            "console_patterns:\n",
+            "console_patterns:\n  job_success:\n    regex: \"all good\"\n",
+        )
+        + "  continue:\n    kernel:\n      url: \"http://127.0.0.1:1/vmlinuz\"\n      cmdline: 'farmsim.script=\"print HB start; print HB; print HB stop; sleep 1500; print all good; poweroff\"'\n";
+    let path = gw.write_job("wd-retry.yml", &job);
+    let r = gw.farmctl_run(&["run", path_str(&path)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Pass), "{}", r.all());
+    assert!(
+        r.stderr.contains("retry 1 of 1 for watchdog heartbeat"),
+        "{}",
+        r.all()
+    );
+    assert!(
+        r.stderr.contains("watchdog heartbeat stopped"),
         "{}",
         r.all()
     );
