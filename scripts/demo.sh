@@ -3,7 +3,7 @@
 # consoles are ptys), two machines enrolled and trained by Sergeant Hartman, then a
 # sample job run with farmctl, its console streamed live. Exits with the job's status.
 #
-# Ports (override with the variables): API 8000, SALAD 8005, virtual PDU 9191.
+# Ports (override with the variables): API 8000, SALAD 8005, virtual PDU 9191, TFTP 6969.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,6 +12,7 @@ cargo build --workspace --bins --quiet
 API_PORT=${API_PORT:-8000}
 SALAD_PORT=${SALAD_PORT:-8005}
 VPDU_PORT=${VPDU_PORT:-9191}
+TFTP_PORT=${TFTP_PORT:-6969}
 work=$(mktemp -d /tmp/farmgate-demo.XXXXXX)
 bin=target/debug
 pids=()
@@ -57,6 +58,7 @@ env FARM_NAME=demo EXECUTOR_HOST=127.0.0.1 EXECUTOR_PORT="$API_PORT" \
     SALAD_SERIAL_PORTS="$work/tty/ttySIM*" MARS_DB_FILE="$work/mars_db.yaml" \
     FARMGATE_STATE_DIR="$work/state" FARMGATE_ADMIN_TOKEN=demo-admin-token \
     FARMGATE_SUBMIT_TOKEN="$FARMGATE_TOKEN" \
+    BOOTS_TFTP_PORT="$TFTP_PORT" BOOTS_TFTP_ROOT="$work/tftp" \
     SERGENT_HARTMAN_BOOT_COUNT=3 SERGENT_HARTMAN_QUALIFYING_BOOT_COUNT=3 \
     BOOTS_DEFAULT_KERNEL="http://127.0.0.1:$API_PORT/boot/vmlinuz" BOOTS_DEFAULT_INITRD= \
     BOOTS_DEFAULT_CMDLINE='console=ttyS0 farmsim.script="print boot-loop round ok; poweroff"' \

@@ -59,6 +59,12 @@ pub struct GatewayConfig {
     pub mars_db_file: PathBuf,
     /// `FARMGATE_STATE_DIR`: SQLite database, job logs, locks (default `/var/lib/farmgate`).
     pub state_dir: PathBuf,
+    /// `BOOTS_TFTP_ROOT`: what the TFTP server serves (default `/cache/boots/tftp`).
+    pub boots_tftp_root: PathBuf,
+    /// `BOOTS_TFTP_PORT` (farmgate's): UDP port of the TFTP server (default 69).
+    pub boots_tftp_port: u16,
+    /// `BOOTS_DISABLE_SERVERS`: any non-empty value turns the netboot servers off.
+    pub boots_disable_servers: bool,
     /// `SALAD_URL`: where job runners find the console relay (default `http://ci-gateway:8005`).
     pub salad_url: String,
     /// `SALAD_PORT`: port of SALAD's REST API (default 8005).
@@ -155,6 +161,11 @@ impl GatewayConfig {
             state_dir: get("FARMGATE_STATE_DIR")
                 .unwrap_or_else(|| "/var/lib/farmgate".into())
                 .into(),
+            boots_tftp_root: get("BOOTS_TFTP_ROOT")
+                .unwrap_or_else(|| "/cache/boots/tftp".into())
+                .into(),
+            boots_tftp_port: parse_or(env, "BOOTS_TFTP_PORT", 69)?,
+            boots_disable_servers: get("BOOTS_DISABLE_SERVERS").is_some_and(|v| !v.is_empty()),
             salad_url: get("SALAD_URL").unwrap_or_else(|| "http://ci-gateway:8005".into()),
             salad_port: parse_or(env, "SALAD_PORT", 8005)?,
             salad_serial_globs: get("SALAD_SERIAL_PORTS")
@@ -355,6 +366,26 @@ mod tests {
             c.boot_default("CMDLINE", None, None, None).as_deref(),
             Some(DEFAULT_BOOT_CMDLINE)
         );
+        assert_eq!(c.boots_tftp_root, PathBuf::from("/cache/boots/tftp"));
+        assert_eq!(c.boots_tftp_port, 69);
+        assert!(!c.boots_disable_servers);
+        assert_eq!(c.default_pdu_off_delay, 30.0);
+    }
+
+    #[test]
+    fn netboot_servers_can_be_moved_or_disabled() {
+        let c = GatewayConfig::from_env(&env(&[
+            ("FARM_NAME", "farm"),
+            ("BOOTS_TFTP_PORT", "6969"),
+            ("BOOTS_DISABLE_SERVERS", "1"),
+        ]))
+        .expect("valid");
+        assert_eq!(c.boots_tftp_port, 6969);
+        assert!(c.boots_disable_servers);
+        let e =
+            GatewayConfig::from_env(&env(&[("FARM_NAME", "farm"), ("BOOTS_TFTP_PORT", "70000")]))
+                .expect_err("out of range");
+        assert!(e.to_string().contains("BOOTS_TFTP_PORT"), "{e}");
     }
 
     #[test]

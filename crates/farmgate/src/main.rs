@@ -188,10 +188,37 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
                 config.salad_port
             )
         })?;
+    // Netboot: TFTP for firmware that cannot fetch its boot script over HTTP.
+    let tftp = if config.boots_disable_servers {
+        None
+    } else {
+        std::fs::create_dir_all(&config.boots_tftp_root).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create BOOTS_TFTP_ROOT {}: {e}",
+                config.boots_tftp_root.display()
+            )
+        })?;
+        let addr = std::net::SocketAddr::new(config.executor_host, config.boots_tftp_port);
+        let server = farmgate_netboot::TftpServer::bind(addr, config.boots_tftp_root.clone())
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot serve TFTP on {addr} (BOOTS_TFTP_PORT): {e}; set BOOTS_DISABLE_SERVERS=1 to run without the netboot servers"
+                )
+            })?;
+        let local = server.local_addr()?;
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = server.serve(sd).await {
+                tracing::error!("TFTP server stopped: {e}");
+            }
+        });
+        Some(local)
+    };
     tracing::info!(
         farm = %config.farm_name,
         api = %api.local_addr()?,
         salad = %salad_listener.local_addr()?,
+        tftp = ?tftp,
         "farmgate is serving"
     );
     let sd = shutdown.clone();

@@ -774,3 +774,31 @@ async fn bad_job_is_refused_with_the_line() {
     assert!(r.stderr.contains("line 11"), "{}", r.all());
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tftp_serves_the_boot_root_and_nothing_outside_it() {
+    let gw = Gateway::start(GatewayOptions::default()).await;
+    let root = gw.dir.path().join("tftp");
+    std::fs::write(root.join("ipxe.efi"), b"not really ipxe\n").expect("write");
+    std::fs::write(gw.dir.path().join("secret"), b"secret\n").expect("write");
+    let fetch = |name: &str| {
+        let out = gw.dir.path().join("fetched");
+        let _ = std::fs::remove_file(&out);
+        let status = std::process::Command::new("curl")
+            .args(["-s", "--fail", "--path-as-is", "--max-time", "10", "-o"])
+            .arg(&out)
+            .arg(format!("tftp://127.0.0.1:{}/{name}", gw.tftp_port))
+            .status()
+            .expect("curl runs");
+        (status.success(), std::fs::read(&out).unwrap_or_default())
+    };
+    assert_eq!(fetch("ipxe.efi"), (true, b"not really ipxe\n".to_vec()));
+    let (ok, body) = fetch("../secret");
+    assert!(
+        !ok && body.is_empty(),
+        "a path outside BOOTS_TFTP_ROOT is refused"
+    );
+    let (ok, _) = fetch("missing.efi");
+    assert!(!ok, "a missing file is an error");
+    gw.stop().await;
+}

@@ -25,6 +25,14 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// A free UDP port on loopback (bound then released).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free UDP port")
+}
+
 pub fn farmgate_exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_farmgate"))
 }
@@ -83,6 +91,7 @@ pub struct Gateway {
     pub farm: SimFarm,
     pub api_port: u16,
     pub salad_port: u16,
+    pub tftp_port: u16,
     pub env: Vec<(String, String)>,
     pub daemon: Option<Child>,
     pub http: reqwest::Client,
@@ -97,6 +106,7 @@ impl Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let api_port = free_port();
         let salad_port = free_port();
+        let tftp_port = free_udp_port();
         let tty_dir = dir.path().join("tty");
         std::fs::create_dir_all(&tty_dir).expect("tty dir");
         let farm = SimFarm::start(SimFarmConfig {
@@ -182,6 +192,11 @@ impl Gateway {
                 "console=ttyS0 farmsim.script=\"print bootloop round; poweroff\"".into(),
             ),
             ("FARMGATE_LOG".into(), "info,farmgate=debug".into()),
+            ("BOOTS_TFTP_PORT".into(), tftp_port.to_string()),
+            (
+                "BOOTS_TFTP_ROOT".into(),
+                dir.path().join("tftp").display().to_string(),
+            ),
         ];
         for (k, v) in &opts.env {
             env.retain(|(ek, _)| ek != k);
@@ -192,6 +207,7 @@ impl Gateway {
             farm,
             api_port,
             salad_port,
+            tftp_port,
             env,
             daemon: None,
             http: reqwest::Client::new(),
