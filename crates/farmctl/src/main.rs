@@ -216,28 +216,55 @@ async fn run(client: &Client, command: Command) -> Result<u8, Failure> {
                 id: machine_id,
                 tags: machine_tags,
             });
+            // The job id is chosen here when not given, so that a submission whose
+            // answer is lost (gateway restarting) can be checked and retried safely.
+            let job_id = job_id.unwrap_or_else(client_job_id);
             let metadata = JobMetadata {
                 version: 1,
-                job_id,
+                job_id: Some(job_id.clone()),
                 target,
                 wait,
                 environ: env,
                 callback: None,
                 minio: None,
             };
-            let form = reqwest::multipart::Form::new()
-                .text(
-                    "metadata",
-                    serde_json::to_string(&metadata).unwrap_or_default(),
-                )
-                .text("job", template);
-            let accepted: JobAccepted = client
-                .json(
-                    client
-                        .req(reqwest::Method::POST, "/api/v1/jobs")
-                        .multipart(form),
-                )
-                .await?;
+            let metadata = serde_json::to_string(&metadata).unwrap_or_default();
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let accepted: JobAccepted = loop {
+                let form = reqwest::multipart::Form::new()
+                    .text("metadata", metadata.clone())
+                    .text("job", template.clone());
+                match client
+                    .json::<JobAccepted>(
+                        client
+                            .req(reqwest::Method::POST, "/api/v1/jobs")
+                            .multipart(form),
+                    )
+                    .await
+                {
+                    Ok(a) => break a,
+                    Err(f)
+                        if f.code == EXIT_UNREACHABLE && std::time::Instant::now() < deadline =>
+                    {
+                        ctrl(&format!("{}; trying again", f.message));
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        // The gateway may have queued the job before its answer was lost.
+                        if let Ok(view) = client
+                            .json::<JobView>(
+                                client.req(reqwest::Method::GET, &format!("/api/v1/job/{job_id}")),
+                            )
+                            .await
+                        {
+                            break JobAccepted {
+                                job_id: view.job_id,
+                                dut_id: view.dut_id,
+                                state: view.state,
+                            };
+                        }
+                    }
+                    Err(f) => return Err(f),
+                }
+            };
             ctrl(&format!(
                 "Job {} accepted ({}{})",
                 accepted.job_id,
@@ -317,6 +344,14 @@ async fn set_retired(client: &Client, dut_id: &str, retired: bool) -> Result<u8,
 }
 
 /// Follow a job's events until its session_end; resume after stream losses.
+/// A job id unique enough for one client: time to the millisecond, process id, and
+/// the clock's nanoseconds.
+fn client_job_id() -> String {
+    let now = chrono::Utc::now();
+    let salt = (now.timestamp_subsec_nanos() as u64) ^ ((std::process::id() as u64) << 20);
+    format!("job-{}-{salt:08x}", now.format("%Y%m%d%H%M%S%3f"))
+}
+
 async fn follow(client: &Client, job_id: &str) -> Result<u8, Failure> {
     let mut after = 0i64;
     let mut failures = 0u32;
