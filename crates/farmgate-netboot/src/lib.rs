@@ -14,7 +14,9 @@
 //!   [`MAX_RETRIES`] times, then the transfer is abandoned.
 //! * Names are resolved below the root by [`resolve`], which refuses `..`, NUL, backslashes
 //!   and anything (including symlinks) that ends up outside the root.
+//! * [`dhcp`] parses and encodes DHCPv4 messages (no I/O) for a netboot DHCP server.
 
+pub mod dhcp;
 pub mod packet;
 
 use std::collections::VecDeque;
