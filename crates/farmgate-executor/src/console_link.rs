@@ -84,10 +84,9 @@ async fn wait_registered(
     }
 }
 
-/// How long the link waits for SALAD to notice that the previous client of the machine
-/// (typically the runner of the previous job, now exited) is gone, before connecting
-/// anyway. Connecting too early gets the connection refused after it was accepted, and
-/// the first lines of the boot would be lost.
+/// While SALAD shows another client on the machine (typically the runner of the previous
+/// job, still exiting), the link waits rather than connecting to be refused; once the
+/// wait lasts this long, the user is told why nothing happens.
 const PREVIOUS_CLIENT_GRACE: Duration = Duration::from_secs(5);
 
 /// Split a byte stream into lines.
@@ -142,7 +141,7 @@ pub fn spawn_console_link(
         );
         let mut was_connected = false;
         let mut complained = false;
-        let mut busy_since: Option<tokio::time::Instant> = None;
+        let mut held_since: Option<tokio::time::Instant> = None;
         loop {
             if cancel.is_cancelled() || tx.is_closed() {
                 return;
@@ -153,18 +152,23 @@ pub fn spawn_console_link(
             };
             if let Some(info) = &info
                 && info.has_client
-                && busy_since
-                    .get_or_insert_with(tokio::time::Instant::now)
-                    .elapsed()
-                    < PREVIOUS_CLIENT_GRACE
             {
+                let since = *held_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= PREVIOUS_CLIENT_GRACE && !complained {
+                    complained = true;
+                    let _ = tx
+                        .send(ConsoleMsg::Note(format!(
+                            "the console of {machine_id} is held by another client; waiting for it"
+                        )))
+                        .await;
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_millis(20)) => {}
                 }
                 continue;
             }
-            busy_since = None;
+            held_since = None;
             let port = info.map(|m| m.tcp_port);
             let stream = match port {
                 Some(port) => TcpStream::connect((host.as_str(), port)).await.ok(),
@@ -180,21 +184,9 @@ pub fn spawn_console_link(
                         return;
                     }
                     if registered == Registration::Taken {
-                        // Refused: the previous client (a job runner still exiting, or
-                        // a person with `nc`) holds the console. Not up; try again.
+                        // Another client took the console between our look and our
+                        // connection: SALAD refuses us. Not up; back to waiting.
                         drop(stream);
-                        if !complained {
-                            complained = true;
-                            let _ = tx
-                                .send(ConsoleMsg::Note(format!(
-                                    "the console of {machine_id} is held by another client; waiting for it"
-                                )))
-                                .await;
-                        }
-                        tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                        }
                         continue;
                     }
                     if registered == Registration::Unknown {
