@@ -237,18 +237,10 @@ async fn mars_file_edits_apply_live_and_bad_edits_are_ignored() {
         .tags
         .push("gpu:new".into());
     std::fs::write(gw.mars_path(), serde_yaml_ng::to_string(&db).expect("yaml")).expect("write");
-    let deadline = std::time::Instant::now() + LIMIT;
-    loop {
-        if gw.dut(1).await.record.tags.iter().any(|t| t == "gpu:new") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "edit not applied:\n{}",
-            gw.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    gw.wait_dut(1, "tagged gpu:new by the file edit", LIMIT, |d| {
+        d.record.tags.iter().any(|t| t == "gpu:new")
+    })
+    .await;
     let r = gw.farmctl_run(&["run", "-w", path_str(&job)], LIMIT).await;
     assert_eq!(r.code, code(JobStatus::Complete), "{}", r.all());
     gw.stop().await;
@@ -543,27 +535,7 @@ async fn discovery_enrolls_a_blank_port_which_registers_trains_and_serves() {
     assert!(r.status().is_success(), "{:?}", r.text().await);
 
     // The machine powers up, registers, is bound to SIM port 3 and trains.
-    let deadline = std::time::Instant::now() + LIMIT;
-    let view = loop {
-        let r = gw
-            .http
-            .get(format!("{}/api/v1/dut/{}", gw.url(), mac(3)))
-            .send()
-            .await
-            .expect("GET dut");
-        if r.status().is_success() {
-            let v: farmgate_wire::DutView = r.json().await.expect("dut json");
-            if v.state == DutState::Idle {
-                break v;
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the discovered machine never became IDLE:\n{}",
-            gw.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let view = gw.wait_state(3, DutState::Idle, LIMIT).await;
     assert_eq!(view.record.pdu.as_deref(), Some("SIM"));
     assert_eq!(view.record.pdu_port_id.as_deref(), Some("3"));
     assert!(view.record.ready_for_service);

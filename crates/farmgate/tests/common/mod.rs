@@ -349,17 +349,42 @@ impl Gateway {
 
     /// Wait until the DUT on `port` is in `state` (bounded).
     pub async fn wait_state(&self, port: u32, state: DutState, limit: Duration) -> DutView {
+        self.wait_dut(port, &format!("in state {state}"), limit, |d| {
+            d.state == state
+        })
+        .await
+    }
+
+    /// Wait until the DUT on `port` exists and satisfies `check` (bounded); a DUT the
+    /// gateway does not know yet (a machine still registering) is waited for too.
+    pub async fn wait_dut(
+        &self,
+        port: u32,
+        what: &str,
+        limit: Duration,
+        check: impl Fn(&DutView) -> bool,
+    ) -> DutView {
         let deadline = Instant::now() + limit;
         loop {
-            let d = self.dut(port).await;
-            if d.state == state {
-                return d;
-            }
+            let r = self
+                .http
+                .get(format!("{}/api/v1/dut/{}", self.url(), mac(port)))
+                .send()
+                .await
+                .expect("GET dut");
+            let last = if r.status().is_success() {
+                let d: DutView = r.json().await.expect("dut json");
+                if check(&d) {
+                    return d;
+                }
+                format!("{d:?}")
+            } else {
+                format!("unknown to the gateway ({})", r.status())
+            };
             assert!(
                 Instant::now() < deadline,
-                "DUT {} stayed {} (wanted {state}):\n{}",
+                "DUT {} never was {what}; last seen: {last}\n{}",
                 mac(port),
-                d.state,
                 self.logs()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
