@@ -10,12 +10,15 @@
 //!   config `ports` (count, default 16).
 //! - `shell`: shell command templates ([`shell`]); config `on`, `off`, `status`, `ports`,
 //!   `timeout`.
+//! - `qemu`: a virtual PDU whose ports are QEMU machines that netboot like physical DUTs
+//!   ([`qemu`]); config `ports`, `memory`, `cpus`, `disk_size`, `accel`, `network`, …
 //!
 //! Every network or process operation has a timeout, so a dead PDU never blocks forever.
 
 mod config;
 pub mod dummy;
 mod error;
+pub mod qemu;
 pub mod shell;
 pub mod vpdu;
 
@@ -39,7 +42,7 @@ pub trait PduDriver: Send + Sync {
     async fn set(&self, port_id: &str, state: PortState) -> Result<(), PowerError>;
 }
 
-const DRIVER_NAMES: &[&str] = &["vpdu", "dummy", "shell"];
+const DRIVER_NAMES: &[&str] = &["vpdu", "dummy", "shell", "qemu"];
 
 /// The names of the drivers this build knows.
 pub fn driver_names() -> &'static [&'static str] {
@@ -57,6 +60,7 @@ pub fn driver_for(pdu_name: &str, record: &PduRecord) -> Result<Box<dyn PduDrive
         "vpdu" => Box::new(vpdu::VpduDriver::from_config(&cfg)?),
         "dummy" => Box::new(dummy::DummyDriver::from_config(&cfg)?),
         "shell" => Box::new(shell::ShellDriver::from_config(&cfg)?),
+        "qemu" => Box::new(qemu::QemuDriver::from_config(&cfg)?),
         other => {
             return Err(PowerError::UnknownDriver {
                 pdu: pdu_name.to_string(),

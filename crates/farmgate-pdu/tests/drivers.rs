@@ -31,7 +31,7 @@ fn config_error(pdu: &str, rec: &PduRecord) -> String {
 
 #[test]
 fn driver_names_lists_the_drivers() {
-    assert_eq!(driver_names(), &["vpdu", "dummy", "shell"]);
+    assert_eq!(driver_names(), &["vpdu", "dummy", "shell", "qemu"]);
     for name in driver_names() {
         let rec = match *name {
             "shell" => record(name, &[("on", s("true")), ("off", s("true"))]),
