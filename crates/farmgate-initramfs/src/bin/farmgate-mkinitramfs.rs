@@ -1,0 +1,50 @@
+//! `farmgate-mkinitramfs`: builds `<DIR>/vmlinuz` and `<DIR>/initramfs.cpio.gz` for
+//! farmgate's QEMU DUTs from the host kernel and busybox-static. See the
+//! `farmgate_initramfs` crate documentation for what the `/init` understands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use farmgate_initramfs::{BuildOptions, build};
+
+/// Build the farmgate test initramfs from host packages.
+#[derive(Debug, Parser)]
+#[command(name = "farmgate-mkinitramfs", version)]
+struct Args {
+    /// Output directory (gets `vmlinuz` and `initramfs.cpio.gz`).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Kernel image [default: the newest /boot/vmlinuz-*].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Kernel modules directory [default: /lib/modules/VERSION, VERSION from the kernel file name vmlinuz-VERSION].
+    #[arg(long, value_name = "PATH")]
+    modules_dir: Option<PathBuf>,
+    /// Static busybox binary.
+    #[arg(long, value_name = "PATH", default_value = "/bin/busybox")]
+    busybox: PathBuf,
+    /// Extra kernel module to include (with dependencies); repeatable.
+    #[arg(long = "module", value_name = "NAME")]
+    modules: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let started = std::time::Instant::now();
+    let mut opts = BuildOptions::new(args.out);
+    opts.kernel = args.kernel;
+    opts.modules_dir = args.modules_dir;
+    opts.busybox = args.busybox;
+    opts.extra_modules = args.modules;
+    match build(&opts) {
+        Ok(summary) => {
+            println!("{summary}; {:.2} s", started.elapsed().as_secs_f64());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("farmgate-mkinitramfs: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! Builds the initramfs that farmgate's tests and demo boot on QEMU DUTs, from host
+//! packages: the kernel of Debian's `linux-image-amd64` (`/boot/vmlinuz-*`, modules in
+//! `/lib/modules/<version>`) and `busybox-static` (`/bin/busybox`).
+//!
+//! # `farmgate-mkinitramfs`
+//!
+//! ```text
+//! farmgate-mkinitramfs --out <DIR> [--kernel <path>] [--modules-dir <path>]
+//!                      [--busybox <path>] [--module <name>]...
+//! ```
+//!
+//! Writes `<DIR>/vmlinuz` (a copy of the kernel; default: the newest `/boot/vmlinuz-*`)
+//! and `<DIR>/initramfs.cpio.gz` (deterministic: same inputs, same bytes). The
+//! initramfs holds busybox, `/init`, and the network modules `virtio_net`, `virtio_pci`,
+//! `e1000` plus any `--module`, with their dependencies (from `modules.dep` of
+//! `/lib/modules/<version>` or `--modules-dir`; built-in modules are skipped).
+//!
+//! # What `/init` understands (kernel command line)
+//!
+//! On boot, `/init` mounts `/proc`, `/sys`, `/dev`, prints
+//! `farmgate-initramfs: up (kernel <version>)` on the console, then reads these
+//! parameters from `/proc/cmdline` (values may be double-quoted to contain spaces):
+//!
+//! | parameter | effect |
+//! |---|---|
+//! | `farmgate.run="<commands>"` | runs the commands with `sh -c` (busybox sh, all busybox applets available), then prints `farmgate-initramfs: run exit status <N>` |
+//! | `farmgate.register=<base url>` | brings the network up, prints `SALAD.machine_id=<mac>`, POSTs the machine (`{"id": <mac>, "base_name": "qemu", "ip_address": <ip>, "tags": [...], "local_tty_device": "ttyS0"}`) to `<base url>/api/v1/dut/`, then prints `MaRS: Registration complete` or `MaRS: Registration failed: <reason>` |
+//! | `farmgate.net` | brings the network up even without `farmgate.register` |
+//! | `farmgate.keep` | does not power off at the end: runs a shell on the console instead |
+//!
+//! Order: network/registration first, then `farmgate.run`, then `poweroff -f` (the
+//! kernel prints `reboot: Power down`; with QEMU `-no-reboot` QEMU exits). Without any
+//! `farmgate.*` parameter, `/init` prints a help line and powers off.
+//!
+//! Bringing the network up means: `insmod` the bundled modules in dependency order,
+//! wait up to 10 s for an `eth*` interface, `ip link set up`, then DHCP with busybox
+//! `udhcpc` (address, prefix, default route, `/etc/resolv.conf`). The tags sent on
+//! registration are `virtio:family:VIRTIO` (if a PCI device has vendor `0x1af4`) and
+//! `cpu:cores:<nproc>`.
+//!
+//! Example (QEMU, TCG):
+//!
+//! ```text
+//! qemu-system-x86_64 -accel tcg -m 512 -nodefaults -display none -no-reboot \
+//!   -serial stdio -nic user,model=virtio-net-pci \
+//!   -kernel DIR/vmlinuz -initrd DIR/initramfs.cpio.gz \
+//!   -append 'console=ttyS0 panic=-1 quiet farmgate.net farmgate.run="echo JOB PASSED"'
+//! ```
+
+pub mod cpio;
+pub mod modules;
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub use cpio::Archive;
+pub use modules::{ModuleIndex, Resolution, ResolvedModule};
+
+/// The `/init` script put into the initramfs.
+pub const INIT_SCRIPT: &str = include_str!("assets/init.sh");
+/// The busybox `udhcpc` event script, stored as `/etc/udhcpc.script`.
+pub const UDHCPC_SCRIPT: &str = include_str!("assets/udhcpc.script");
+/// Modules always included (with their dependencies) unless built into the kernel.
+pub const DEFAULT_MODULES: [&str; 3] = ["virtio_net", "virtio_pci", "e1000"];
+/// Busybox applets symlinked in `/bin` in the archive (`/init` also runs
+/// `busybox --install -s` at boot, making every applet available).
+pub const APPLETS: &[&str] = &[
+    "[", "ash", "awk", "cat", "cp", "cttyhack", "dmesg", "echo", "false", "grep", "ifconfig",
+    "insmod", "ip", "ln", "ls", "lsmod", "mkdir", "modprobe", "mount", "mv", "nproc", "ping",
+    "poweroff", "printf", "ps", "reboot", "rm", "route", "sed", "setsid", "sh", "sleep", "sync",
+    "tail", "test", "tr", "true", "udhcpc", "umount", "uname", "wget",
+];
+/// File name of the kernel in the output directory.
+pub const VMLINUZ_NAME: &str = "vmlinuz";
+/// File name of the initramfs in the output directory.
+pub const INITRAMFS_NAME: &str = "initramfs.cpio.gz";
+
+/// Errors of this crate; each names the file or module concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// No `vmlinuz-*` in the boot directory.
+    #[error("no kernel in {0}: install linux-image-amd64 (or pass --kernel)")]
+    NoKernel(PathBuf),
+    /// The kernel version cannot be derived from the kernel file name.
+    #[error(
+        "cannot derive the kernel version from {0} (expected a name like vmlinuz-<version>): pass --modules-dir"
+    )]
+    KernelVersion(PathBuf),
+    /// The modules directory does not exist.
+    #[error(
+        "no modules directory {0} for this kernel: install the matching linux-image package or pass --modules-dir"
+    )]
+    NoModulesDir(PathBuf),
+    /// `modules.dep` is malformed.
+    #[error("{}: line {line}: {msg}", path.display())]
+    ModulesDep {
+        /// The `modules.dep` file.
+        path: PathBuf,
+        /// 1-based line number (0 when not known).
+        line: usize,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A requested module is neither in `modules.dep` nor built in.
+    #[error("module {name} not found in {}/modules.dep (nor in modules.builtin)", dir.display())]
+    ModuleNotFound {
+        /// Canonical module name.
+        name: String,
+        /// The modules directory.
+        dir: PathBuf,
+    },
+    /// A module is compressed in a format this crate cannot decompress.
+    #[error(
+        "module {module} ({}) is compressed as {ext}, which farmgate-mkinitramfs cannot decompress (only .ko and .ko.gz); use a kernel with uncompressed modules",
+        path.display()
+    )]
+    UnsupportedCompression {
+        /// Module name.
+        module: String,
+        /// Module file.
+        path: PathBuf,
+        /// The suffix (`.ko.xz` or `.ko.zst`).
+        ext: &'static str,
+    },
+    /// Modules depend on each other in a cycle.
+    #[error("module dependency cycle: {0}")]
+    DependencyCycle(String),
+    /// The busybox binary is unusable.
+    #[error("busybox {}: {msg}", path.display())]
+    Busybox {
+        /// The busybox path.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// An archive path is empty or contains `.`/`..`/NUL.
+    #[error("invalid path in archive: {0:?}")]
+    InvalidPath(String),
+    /// An archive path's parent exists and is not a directory.
+    #[error("archive entry {0:?} is not a directory but has children")]
+    NotADirectory(String),
+    /// A file is larger than newc cpio allows (4 GiB).
+    #[error("file too large for cpio: {0}")]
+    TooLarge(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// Compares version strings the way humans do: digit runs numerically,
+/// everything else byte-wise (`6.1.0-56` > `6.1.0-9`).
+pub fn compare_versions(a: &str, b: &str) -> Ordering {
+    fn chunks(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (ca, cb) = (chunks(a), chunks(b));
+    for ((da, sa), (db, sb)) in ca.iter().zip(cb.iter()) {
+        let ord = if *da && *db {
+            let (ta, tb) = (sa.trim_start_matches('0'), sb.trim_start_matches('0'));
+            ta.len().cmp(&tb.len()).then_with(|| ta.cmp(tb))
+        } else {
+            sa.cmp(sb)
+        };
+        if ord != Ordering::Equal {
+            return ord;
+        }
+    }
+    ca.len().cmp(&cb.len())
+}
+
+/// Kernel version from a kernel file name `vmlinuz-<version>`.
+pub fn kernel_version_of(path: &Path) -> Option<String> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("vmlinuz-")
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
+/// The newest `vmlinuz-*` in `boot_dir` (by version order) and its version.
+pub fn find_kernel(boot_dir: &Path) -> Result<(PathBuf, String), Error> {
+    let rd = match std::fs::read_dir(boot_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::NoKernel(boot_dir.to_path_buf()));
+        }
+        Err(e) => return Err(io_err(format!("listing {}", boot_dir.display()))(e)),
+    };
+    let mut best: Option<(PathBuf, String)> = None;
+    for ent in rd {
+        let ent = ent.map_err(io_err(format!("listing {}", boot_dir.display())))?;
+        let path = ent.path();
+        let Some(ver) = kernel_version_of(&path) else {
+            continue;
+        };
+        if ver.ends_with(".old") || ver.ends_with(".bak") || ver.ends_with(".dpkg-tmp") {
+            continue;
+        }
+        if best
+            .as_ref()
+            .is_none_or(|(_, b)| compare_versions(&ver, b) == Ordering::Greater)
+        {
+            best = Some((path, ver));
+        }
+    }
+    best.ok_or_else(|| Error::NoKernel(boot_dir.to_path_buf()))
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Output directory (created if missing).
+    pub out_dir: PathBuf,
+    /// Kernel image; `None`: the newest `vmlinuz-*` in `boot_dir`.
+    pub kernel: Option<PathBuf>,
+    /// Modules directory; `None`: `<modules_root>/<kernel version>`.
+    pub modules_dir: Option<PathBuf>,
+    /// Static busybox binary.
+    pub busybox: PathBuf,
+    /// Modules in addition to [`DEFAULT_MODULES`].
+    pub extra_modules: Vec<String>,
+    /// Where to look for kernels when `kernel` is `None` (`/boot`).
+    pub boot_dir: PathBuf,
+    /// Parent of per-version module directories (`/lib/modules`).
+    pub modules_root: PathBuf,
+}
+
+impl BuildOptions {
+    /// Defaults for the host: `/boot`, `/lib/modules`, `/bin/busybox`.
+    pub fn new(out_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            out_dir: out_dir.into(),
+            kernel: None,
+            modules_dir: None,
+            busybox: PathBuf::from("/bin/busybox"),
+            extra_modules: Vec::new(),
+            boot_dir: PathBuf::from("/boot"),
+            modules_root: PathBuf::from("/lib/modules"),
+        }
+    }
+}
+
+/// What was built.
+#[derive(Debug, Clone)]
+pub struct BuildSummary {
+    /// Kernel image used.
+    pub kernel: PathBuf,
+    /// Kernel version (name of the modules directory).
+    pub kernel_version: String,
+    /// `<out>/vmlinuz`.
+    pub vmlinuz: PathBuf,
+    /// Size of the kernel in bytes.
+    pub vmlinuz_size: u64,
+    /// `<out>/initramfs.cpio.gz`.
+    pub initramfs: PathBuf,
+    /// Size of the compressed initramfs in bytes.
+    pub initramfs_size: u64,
+    /// Size of the uncompressed cpio archive in bytes.
+    pub cpio_size: u64,
+    /// Included modules, in load order.
+    pub modules: Vec<ResolvedModule>,
+    /// Requested modules skipped because built into the kernel.
+    pub builtin: Vec<String>,
+}
+
+impl fmt::Display for BuildSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.modules.iter().map(|m| m.name.as_str()).collect();
+        write!(
+            f,
+            "farmgate-mkinitramfs: kernel {} -> {} ({} bytes); {} ({} bytes, cpio {} bytes); {} modules [{}]",
+            self.kernel_version,
+            self.vmlinuz.display(),
+            self.vmlinuz_size,
+            self.initramfs.display(),
+            self.initramfs_size,
+            self.cpio_size,
+            self.modules.len(),
+            names.join(" "),
+        )?;
+        if !self.builtin.is_empty() {
+            write!(f, " (built in: {})", self.builtin.join(" "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `data` is an ELF executable without a program interpreter (static).
+fn check_static_elf(path: &Path, data: &[u8]) -> Result<(), Error> {
+    let bad = |msg: &str| Error::Busybox {
+        path: path.to_path_buf(),
+        msg: msg.to_string(),
+    };
+    if data.len() < 64 || &data[..4] != b"\x7fELF" {
+        return Err(bad("not an ELF executable"));
+    }
+    if data[4] != 2 || data[5] != 1 {
+        // Only 64-bit little endian is checked further; trust others.
+        return Ok(());
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]) as usize;
+    let mut phoff_bytes = [0u8; 8];
+    phoff_bytes.copy_from_slice(&data[0x20..0x28]);
+    let phoff =
+        usize::try_from(u64::from_le_bytes(phoff_bytes)).map_err(|_| bad("corrupt ELF header"))?;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    for i in 0..phnum {
+        let off = phoff
+            .checked_add(i * phentsize)
+            .ok_or_else(|| bad("corrupt ELF header"))?;
+        let Some(ty) = data.get(off..off + 4) else {
+            return Err(bad("truncated ELF program headers"));
+        };
+        if ty == [3, 0, 0, 0] {
+            return Err(bad(
+                "is dynamically linked (has PT_INTERP); install busybox-static",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `data` to `path` atomically (temporary file in the same directory, then rename).
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("output");
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err(format!("writing {}", path.display()))(e));
+    }
+    Ok(())
+}
+
+/// Builds the archive (not compressed) from resolved inputs.
+pub fn build_archive(
+    busybox: &[u8],
+    kernel_version: &str,
+    modules: &[(ResolvedModule, Vec<u8>)],
+) -> Result<Archive, Error> {
+    let mut a = Archive::new();
+    for d in [
+        "dev", "proc", "sys", "etc", "mnt", "run", "sbin", "usr/bin", "usr/sbin",
+    ] {
+        a.add_dir(d, 0o755)?;
+    }
+    a.add_dir("tmp", 0o1777)?;
+    a.add_char_device("dev/console", 0o600, 5, 1)?;
+    a.add_file("bin/busybox", 0o755, busybox.to_vec())?;
+    for applet in APPLETS {
+        a.add_symlink(&format!("bin/{applet}"), "busybox")?;
+    }
+    a.add_file("init", 0o755, INIT_SCRIPT.as_bytes().to_vec())?;
+    a.add_file(
+        "etc/udhcpc.script",
+        0o755,
+        UDHCPC_SCRIPT.as_bytes().to_vec(),
+    )?;
+    let mut list = String::new();
+    a.add_dir(&format!("lib/modules/{kernel_version}"), 0o755)?;
+    for (m, data) in modules {
+        let p = format!("/lib/modules/{kernel_version}/{}", m.stored_rel_path());
+        a.add_file(&p, 0o644, data.clone())?;
+        list.push_str(&p);
+        list.push('\n');
+    }
+    a.add_file("etc/farmgate-modules", 0o644, list.into_bytes())?;
+    Ok(a)
+}
+
+/// Builds `<out>/vmlinuz` and `<out>/initramfs.cpio.gz`.
+pub fn build(opts: &BuildOptions) -> Result<BuildSummary, Error> {
+    let (kernel, version_from_name) = match &opts.kernel {
+        Some(k) => (k.clone(), kernel_version_of(k)),
+        None => {
+            let (k, v) = find_kernel(&opts.boot_dir)?;
+            (k, Some(v))
+        }
+    };
+    if !kernel.is_file() {
+        return Err(Error::Io {
+            what: format!("kernel {}", kernel.display()),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    let modules_dir = match (&opts.modules_dir, &version_from_name) {
+        (Some(d), _) => d.clone(),
+        (None, Some(v)) => opts.modules_root.join(v),
+        (None, None) => return Err(Error::KernelVersion(kernel)),
+    };
+    if !modules_dir.is_dir() {
+        return Err(Error::NoModulesDir(modules_dir));
+    }
+    let kernel_version = match &version_from_name {
+        Some(v) if opts.modules_dir.is_none() => v.clone(),
+        _ => modules_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+            .ok_or_else(|| Error::KernelVersion(kernel.clone()))?,
+    };
+
+    let kernel_data =
+        std::fs::read(&kernel).map_err(io_err(format!("reading kernel {}", kernel.display())))?;
+    let busybox = std::fs::read(&opts.busybox).map_err(io_err(format!(
+        "reading busybox {} (install busybox-static)",
+        opts.busybox.display()
+    )))?;
+    check_static_elf(&opts.busybox, &busybox)?;
+
+    let index = ModuleIndex::load(&modules_dir)?;
+    let mut wanted: Vec<String> = DEFAULT_MODULES.iter().map(|s| s.to_string()).collect();
+    wanted.extend(opts.extra_modules.iter().cloned());
+    let res = index.resolve(&wanted)?;
+    let mut mods = Vec::with_capacity(res.modules.len());
+    for m in &res.modules {
+        let data = index.read_module(m)?;
+        mods.push((m.clone(), data));
+    }
+
+    let archive = build_archive(&busybox, &kernel_version, &mods)?;
+    let cpio = archive.to_newc();
+    let mut gz = flate2::GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), flate2::Compression::best());
+    gz.write_all(&cpio)
+        .map_err(io_err("compressing the initramfs"))?;
+    let gz = gz.finish().map_err(io_err("compressing the initramfs"))?;
+
+    std::fs::create_dir_all(&opts.out_dir)
+        .map_err(io_err(format!("creating {}", opts.out_dir.display())))?;
+    let vmlinuz = opts.out_dir.join(VMLINUZ_NAME);
+    let initramfs = opts.out_dir.join(INITRAMFS_NAME);
+    write_atomic(&vmlinuz, &kernel_data)?;
+    write_atomic(&initramfs, &gz)?;
+
+    Ok(BuildSummary {
+        kernel,
+        kernel_version,
+        vmlinuz,
+        vmlinuz_size: kernel_data.len() as u64,
+        initramfs,
+        initramfs_size: gz.len() as u64,
+        cpio_size: cpio.len() as u64,
+        modules: res.modules,
+        builtin: res.builtin,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_order() {
+        assert_eq!(
+            compare_versions("6.1.0-56-amd64", "6.1.0-9-amd64"),
+            Ordering::Greater
+        );
+        assert_eq!(compare_versions("6.10.0", "6.9.1"), Ordering::Greater);
+        assert_eq!(compare_versions("6.1.0", "6.1.0"), Ordering::Equal);
+        assert_eq!(compare_versions("6.1", "6.1.0"), Ordering::Less);
+    }
+
+    #[test]
+    fn finds_newest_kernel_and_reports_missing() {
+        let d = tempfile::tempdir().unwrap();
+        let e = find_kernel(d.path()).unwrap_err();
+        assert!(e.to_string().contains("install linux-image-amd64"), "{e}");
+        for v in ["6.1.0-9-amd64", "6.1.0-56-amd64", "5.10.0-1-amd64"] {
+            std::fs::write(d.path().join(format!("vmlinuz-{v}")), b"k").unwrap();
+        }
+        std::fs::write(d.path().join("config-7.0.0"), b"c").unwrap();
+        let (p, v) = find_kernel(d.path()).unwrap();
+        assert_eq!(v, "6.1.0-56-amd64");
+        assert_eq!(p, d.path().join("vmlinuz-6.1.0-56-amd64"));
+    }
+
+    #[test]
+    fn archive_layout() {
+        let m = ResolvedModule {
+            name: "virtio".into(),
+            rel_path: "kernel/drivers/virtio/virtio.ko".into(),
+        };
+        let a = build_archive(b"\x7fELF", "6.1.0-x", &[(m, b"mod".to_vec())]).unwrap();
+        assert!(matches!(
+            a.get("/dev/console").unwrap().kind,
+            cpio::EntryKind::CharDevice { major: 5, minor: 1 }
+        ));
+        assert_eq!(a.get("/init").unwrap().mode(), 0o100755);
+        assert_eq!(
+            a.get("/etc/farmgate-modules").unwrap().kind,
+            cpio::EntryKind::File(
+                b"/lib/modules/6.1.0-x/kernel/drivers/virtio/virtio.ko\n".to_vec()
+            )
+        );
+        for d in ["/dev", "/proc", "/sys", "/tmp", "/etc", "/mnt"] {
+            assert_eq!(a.get(d).unwrap().kind, cpio::EntryKind::Dir, "{d}");
+        }
+        assert_eq!(
+            a.get("/bin/sh").unwrap().kind,
+            cpio::EntryKind::Symlink("busybox".into())
+        );
+        assert!(a.get("/etc/udhcpc.script").is_some());
+    }
+
+    #[test]
+    fn rejects_dynamic_or_non_elf_busybox() {
+        let p = Path::new("/x/busybox");
+        assert!(check_static_elf(p, b"#!/bin/sh\n").is_err());
+        // The host's /bin/sh is usually dynamic; /bin/busybox (busybox-static) is not.
+        if let Ok(bb) = std::fs::read("/bin/busybox") {
+            check_static_elf(p, &bb).unwrap();
+        }
+        if let Ok(sh) = std::fs::read("/bin/dash") {
+            let e = check_static_elf(p, &sh).unwrap_err();
+            assert!(e.to_string().contains("busybox-static"), "{e}");
+        }
+    }
+}
