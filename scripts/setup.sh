@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # Install what farmgate needs to build and test on a Debian 12 machine with a Rust
 # toolchain (rustup, Rust >= 1.85). Idempotent: installs only what is missing.
+#
+# Besides the build tools: QEMU and its iPXE ROMs (the virtual DUTs), a Debian kernel
+# and busybox (farmgate-mkinitramfs builds the DUTs' initramfs from them), and the real
+# clients and peers the tests and benchmarks talk to (DHCP and TFTP clients, dnsmasq,
+# ser2net).
 set -euo pipefail
 
 need_apt=()
-for pkg in gcc pkg-config curl python3 iproute2; do
+for pkg in gcc pkg-config curl python3 iproute2 \
+    qemu-system-x86 ipxe-qemu busybox-static linux-image-amd64 \
+    udhcpc isc-dhcp-client tftp-hpa dnsmasq-base ser2net; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -12,7 +19,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -25,7 +25,8 @@ use bytes::Bytes;
 use farmgate_console::{MachineInfo, Salad};
 use farmgate_executor::{ExecError, Executor};
 use farmgate_wire::{
-    ApiErrorBody, DiscoverRequest, DutPatch, DutRegistration, JobMetadata, JobState, PortPatch,
+    ApiErrorBody, DiscoverRequest, DutPatch, DutRegistration, EventKind, JobMetadata, JobState,
+    PortPatch,
 };
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -174,6 +175,8 @@ pub fn executor_router(exec: Executor, tokens: Tokens) -> Router {
         )
         .route("/api/v1/dut/{id}/boot.ipxe", get(boot_ipxe))
         .route("/api/v1/duts/{id}/boot.ipxe", get(boot_ipxe))
+        .route("/boot/{*path}", get(boot_file))
+        .route("/api/v1/dut/{id}/storage/{*path}", get(storage_file))
         .route(
             "/api/v1/dut/{id}/quick_check",
             get(get_quick_check).post(post_quick_check),
@@ -189,6 +192,7 @@ pub fn executor_router(exec: Executor, tokens: Tokens) -> Router {
         .route("/api/v1/jobs", get(list_jobs).post(submit_job))
         .route("/api/v1/job/{id}", get(get_job))
         .route("/api/v1/job/{id}/events", get(job_events))
+        .route("/api/v1/job/{id}/console.log", get(job_console_log))
         .route("/api/v1/job/{id}/cancel", post(cancel_job))
         .fallback(|| async {
             ApiError::new(
@@ -253,8 +257,94 @@ async fn delete_discover(State(st): State<AppState>, headers: HeaderMap) -> ApiR
     Ok(json(&st.exec.discovery()))
 }
 
-async fn boot_ipxe(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    let script = st.exec.boot_script(&id)?;
+/// `GET /boot/<path>`: a file of `BOOTS_TFTP_ROOT` over HTTP (kernels, initramfs, iPXE
+/// binaries: the same files TFTP serves). No token: DUTs fetch these while they boot.
+/// The path never leaves the root (`..`, NUL and symlinks out are refused).
+async fn boot_file(State(st): State<AppState>, Path(path): Path<String>) -> ApiResult<Response> {
+    let root = st.exec.config().boots_tftp_root.clone();
+    let file_path = farmgate_netboot::resolve(&root, &path).map_err(|e| match e {
+        farmgate_netboot::PathError::NotFound(_) => {
+            ApiError::new(StatusCode::NOT_FOUND, format!("boot file {path}: {e}"))
+        }
+        other => ApiError::new(StatusCode::FORBIDDEN, format!("boot file {path}: {other}")),
+    })?;
+    let file = tokio::fs::File::open(&file_path)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, format!("boot file {path}: {e}")))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, format!("boot file {path}: {e}")))?
+        .len();
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        file,
+        256 * 1024,
+    ));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// `GET /api/v1/dut/<id>/storage/<path>`: a file of the running job's
+/// `deployment.storage.http`, for the DUT (no token, like `boot.ipxe`). Inline `data`
+/// is served as is; a `url` is fetched by the gateway and streamed, so the DUT only
+/// needs to reach the gateway.
+async fn storage_file(
+    State(st): State<AppState>,
+    Path((id, path)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    match st.exec.storage_file(&id, false, &path)? {
+        farmgate_executor::storage::StorageContent::Data(bytes) => {
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+        }
+        farmgate_executor::storage::StorageContent::Url(url) => {
+            let bad_gateway = |e: String| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("storage file {path}: fetching {url}: {e}"),
+                )
+            };
+            let r = reqwest::get(&url)
+                .await
+                .map_err(|e| bad_gateway(e.to_string()))?;
+            if !r.status().is_success() {
+                return Err(bad_gateway(format!("the server answered {}", r.status())));
+            }
+            let mut headers = vec![(header::CONTENT_TYPE, "application/octet-stream".to_string())];
+            if let Some(len) = r.content_length() {
+                headers.push((header::CONTENT_LENGTH, len.to_string()));
+            }
+            let mut resp = Body::from_stream(r.bytes_stream()).into_response();
+            for (k, v) in headers {
+                if let Ok(v) = v.parse() {
+                    resp.headers_mut().insert(k, v);
+                }
+            }
+            Ok(resp)
+        }
+    }
+}
+
+/// Query of `boot.ipxe`: what iPXE reports of itself (`?arch=${buildarch}&platform=${platform}`).
+#[derive(Debug, Default, serde::Deserialize)]
+struct BootQuery {
+    arch: Option<String>,
+    platform: Option<String>,
+}
+
+async fn boot_ipxe(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<BootQuery>,
+) -> ApiResult<Response> {
+    let script = st
+        .exec
+        .boot_script(&id, q.arch.as_deref(), q.platform.as_deref())?;
     Ok((
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         script,
@@ -422,6 +512,32 @@ struct EventsQuery {
 
 /// Events of a job as JSON lines. With `follow=true` the answer streams until the
 /// job's `session_end` event; a client that loses the stream resumes with `after=<seq>`.
+/// `GET /api/v1/job/<id>/console.log`: the job's console as text, one line per console
+/// line, each prefixed by the time the gateway received it (`[RFC 3339] line`); the
+/// gateway's own messages are interleaved as `[time] [farmgate] message`.
+async fn job_console_log(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    st.exec.job(&id)?; // 404 for unknown jobs
+    let mut body = String::new();
+    let mut after = 0;
+    loop {
+        let events = st.exec.events(&id, after, 10_000)?;
+        let Some(last) = events.last() else { break };
+        after = last.seq;
+        for e in &events {
+            match e.msg_type {
+                EventKind::JobIo => body.push_str(&format!("[{}] {}\n", e.date, e.payload)),
+                EventKind::Ctrl | EventKind::SessionEnd => {
+                    body.push_str(&format!("[{}] [farmgate] {}\n", e.date, e.payload))
+                }
+            }
+        }
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
+}
+
 async fn job_events(
     State(st): State<AppState>,
     Path(id): Path<String>,

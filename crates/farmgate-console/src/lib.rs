@@ -1,22 +1,42 @@
 //! SALAD: the serial console multiplexer.
 //!
-//! Every `rescan_interval`, SALAD globs for serial devices (USB serial adapters, ptys, or
-//! symlinks to them), opens the new ones in raw mode and reads them. Two console lines
-//! matter to SALAD itself:
+//! Consoles reach SALAD in two ways:
 //!
-//! * a line containing `SALAD.ping` is answered by writing `SALAD.pong\n` to the device, so
-//!   a DUT can find which of its serial ports reaches SALAD;
-//! * a line containing `SALAD.machine_id=<id>` binds the device to machine `<id>`
-//!   (lower-cased). A machine bound again from another device moves to that device.
+//! * **serial devices**: every `rescan_interval`, SALAD globs for serial devices (USB serial
+//!   adapters, ptys, or symlinks to them), opens the new ones in raw mode and reads them;
+//! * **network consoles**: when [`SaladConfig::tcpconsole_bind`] is set, SALAD listens there
+//!   and every accepted TCP connection is a console stream (e.g. a QEMU serial port given as
+//!   `-chardev socket,host=..,port=8100,server=off`). Output a network console prints before
+//!   it is bound is kept (at most [`MAX_UNBOUND_BACKLOG`] bytes, oldest dropped) and handed
+//!   to the machine right after the binding, so its clients see the boot from the first
+//!   byte. At most [`MAX_UNBOUND_NET_CONSOLES`] unbound network consoles are accepted at a
+//!   time. When the connection closes, the machine keeps its ports and clients with no
+//!   console attached, until a console binds it again.
 //!
-//! Each machine gets one TCP listener (OS-assigned port, stable for the life of the
-//! process). One client at a time receives the device's output from the moment SALAD has
-//! registered it (shown by [`MachineInfo::client`]; the kernel completes a TCP connection
-//! before SALAD accepts it, so output read in between goes to nobody), and what it sends is
-//! written to the device; a second client is told so and closed. Bytes are relayed as they
-//! come; lines are only cut for the association protocol.
+//! Two console lines matter to SALAD itself, on both kinds of console:
+//!
+//! * a line containing `SALAD.ping` is answered by writing `SALAD.pong\n` to that console,
+//!   so a DUT can find which of its serial ports reaches SALAD;
+//! * a line containing `SALAD.machine_id=<id>` anywhere in it (the id ends at white space,
+//!   and is lower-cased) binds the console to machine `<id>`. A machine bound again from
+//!   another console moves to that console.
+//!
+//! Each machine gets two TCP listeners (OS-assigned ports, stable for the life of the
+//! process), created when a console binds it or when asked with [`Salad::ensure_machine`]:
+//!
+//! * the **relay port** ([`MachineInfo::tcp_port`]): one client at a time receives the
+//!   console's output from the moment SALAD has registered it (shown by
+//!   [`MachineInfo::client`]; the kernel completes a TCP connection before SALAD accepts it,
+//!   so output read in between goes to nobody), and what it sends is written to the console;
+//!   a second client is told so and closed;
+//! * the **log port** ([`MachineInfo::log_port`]): any number of read-only clients receive
+//!   the console's output from the moment they are registered; what they send is discarded.
+//!   A log client that does not keep up loses output; it never slows the console or the
+//!   relay client.
+//!
+//! Bytes are relayed as they come; lines are only cut for the association protocol.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
@@ -24,6 +44,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use nix::sys::termios::{self, BaudRate, ControlFlags, SetArg};
@@ -41,15 +62,27 @@ pub const MAX_ASSOC_LINE: usize = 4096;
 /// Longest accepted machine id.
 pub const MAX_MACHINE_ID: usize = 64;
 
-/// What SALAD writes to a device that sent `SALAD.ping`.
+/// What SALAD writes to a console that sent `SALAD.ping`.
 pub const PONG: &[u8] = b"SALAD.pong\n";
 
-/// Chunks of device output queued for a slow client before the device reader waits.
+/// Most network consoles SALAD keeps open while they are not bound to a machine; further
+/// connections are closed at once.
+pub const MAX_UNBOUND_NET_CONSOLES: usize = 256;
+
+/// Output (in bytes) kept from a network console before it is bound; older bytes are dropped.
+pub const MAX_UNBOUND_BACKLOG: usize = 64 * 1024;
+
+/// Most read-only clients connected to one machine's log port at a time.
+pub const MAX_LOG_CLIENTS: usize = 64;
+
+/// Chunks of console output queued for a slow relay client before the console reader waits.
 const CLIENT_QUEUE: usize = 1024;
-/// Chunks of client input queued for a device before the client reader waits.
-const DEVICE_QUEUE: usize = 64;
-/// How long device output waits for a stalled client before that chunk is dropped.
+/// Chunks of console output a log client may fall behind before it loses output.
+const LOG_QUEUE: usize = 256;
+/// How long console output waits for a stalled relay client before that chunk is dropped.
 const CLIENT_STALL: Duration = Duration::from_secs(10);
+/// Read buffer of serial devices and sockets.
+const READ_BUF: usize = 16 * 1024;
 
 /// SALAD's settings.
 #[derive(Debug, Clone)]
@@ -62,6 +95,9 @@ pub struct SaladConfig {
     pub bind_host: IpAddr,
     /// Baud rate set on every serial device (e.g. 115200).
     pub baud: u32,
+    /// Where to accept network consoles (CI-tron: `0.0.0.0:8100`, `SALAD_TCPCONSOLE_PORT`);
+    /// `None` accepts none. Port 0 picks a free port (see [`Salad::tcpconsole_addr`]).
+    pub tcpconsole_bind: Option<SocketAddr>,
 }
 
 /// What can go wrong in SALAD.
@@ -84,11 +120,19 @@ pub enum ConsoleError {
     /// A machine id is empty, too long, or has characters outside `[A-Za-z0-9:._-]`.
     #[error("machine id {0:?} is invalid: use 1 to 64 letters, digits, ':', '.', '_' or '-'")]
     BadMachineId(String),
-    /// The TCP listener of a machine cannot be created.
+    /// A TCP listener of a machine cannot be created.
     #[error("cannot listen on {addr} for the console of machine {id}: {source}")]
     Listen {
         /// The machine.
         id: String,
+        /// The address tried.
+        addr: SocketAddr,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The network console listener cannot be created.
+    #[error("cannot listen for network consoles on {addr} (SALAD_TCPCONSOLE_PORT): {source}")]
+    TcpConsoleListen {
         /// The address tried.
         addr: SocketAddr,
         /// The underlying error.
@@ -110,17 +154,28 @@ pub enum ConsoleError {
 /// A machine as SALAD's REST API shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct MachineInfo {
-    /// TCP port relaying the machine's console.
+    /// TCP port relaying the machine's console (read-write, one client at a time).
     pub tcp_port: u16,
-    /// Whether a client is connected to that port.
+    /// TCP port streaming the machine's console output to any number of read-only clients.
+    pub log_port: u16,
+    /// Whether a client is connected to the relay port.
     pub has_client: bool,
-    /// The address of the connected client, once SALAD has registered it (omitted when
-    /// there is none). Device output is relayed to a client from this point on, never
+    /// The address of the connected relay client, once SALAD has registered it (omitted
+    /// when there is none). Console output is relayed to a client from this point on, never
     /// before: a client that must not miss the first bytes of a boot (a job runner) waits
     /// until this shows its own local address before powering the machine on. The TCP
     /// connection itself carries only console bytes, so `nc` users see no protocol.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client: Option<SocketAddr>,
+}
+
+/// A network console as SALAD sees it (see [`Salad::network_consoles`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConsole {
+    /// The remote end of the connection.
+    pub peer: SocketAddr,
+    /// The machine it is bound to, if any.
+    pub machine_id: Option<String>,
 }
 
 /// A console line that means something to SALAD.
@@ -151,6 +206,27 @@ pub enum SaladEvent {
         /// The device path.
         device: PathBuf,
     },
+    /// A network console connected.
+    NetworkConsoleOpened {
+        /// The remote end of the connection.
+        peer: SocketAddr,
+    },
+    /// A network console was bound to a machine.
+    NetworkConsoleBound {
+        /// The machine id.
+        machine_id: String,
+        /// The remote end of the connection.
+        peer: SocketAddr,
+    },
+    /// A network console disconnected (or was closed by SALAD).
+    NetworkConsoleClosed {
+        /// The remote end of the connection.
+        peer: SocketAddr,
+        /// The machine it was bound to, if any; that machine keeps its ports and clients.
+        machine_id: Option<String>,
+        /// Why it was closed.
+        reason: String,
+    },
 }
 
 const MACHINE_ID_TAG: &[u8] = b"SALAD.machine_id=";
@@ -171,13 +247,19 @@ pub fn valid_machine_id(id: &str) -> bool {
 
 /// Parse one console line (with or without its line ending) for the association protocol.
 ///
-/// `SALAD.machine_id=<id>` may follow other text on the line (e.g. a kernel timestamp); the
-/// id is the rest of the line, trimmed of white space, and must be valid
+/// `SALAD.machine_id=<id>` may appear anywhere on the line (e.g. in the kernel's
+/// `Command line: console=ttyS0 SALAD.machine_id=52:54:00:11:22:01 quiet`); the id starts
+/// after the `=` (leading white space skipped), ends at the next white space, and must be valid
 /// ([`valid_machine_id`]); it is returned lower-cased. A line containing `SALAD.ping` is a
 /// ping. Anything else, including invalid UTF-8, is `None`.
 pub fn parse_line(line: &[u8]) -> Option<SaladLine> {
     if let Some(pos) = find(line, MACHINE_ID_TAG) {
-        let rest = line[pos + MACHINE_ID_TAG.len()..].trim_ascii();
+        let rest = line[pos + MACHINE_ID_TAG.len()..].trim_ascii_start();
+        let end = rest
+            .iter()
+            .position(u8::is_ascii_whitespace)
+            .unwrap_or(rest.len());
+        let rest = &rest[..end];
         if let Ok(id) = std::str::from_utf8(rest)
             && valid_machine_id(id)
         {
@@ -272,6 +354,24 @@ pub fn poll_owned_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     AsyncFd::new(fd)
 }
 
+/// Read from a non-blocking device. A short read means the device is drained, so its
+/// readiness is cleared without another `read` that would only return `EAGAIN`.
+async fn read_fd(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        let mut guard = fd.readable().await?;
+        match guard.try_io(|f| nix::unistd::read(f.get_ref(), buf).map_err(io::Error::from)) {
+            Ok(Ok(n)) => {
+                if n > 0 && n < buf.len() {
+                    guard.clear_ready();
+                }
+                return Ok(n);
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
+    }
+}
+
 /// Write all of `data` to a non-blocking device.
 async fn write_all_fd(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
@@ -291,21 +391,51 @@ async fn write_all_fd(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> io::Result<()> 
     Ok(())
 }
 
+/// Output of an unbound network console, kept for the machine it will be bound to.
+#[derive(Debug, Default)]
+struct Backlog {
+    buf: VecDeque<u8>,
+}
+
+impl Backlog {
+    fn push(&mut self, data: &[u8]) {
+        let data = &data[data.len().saturating_sub(MAX_UNBOUND_BACKLOG)..];
+        let excess = (self.buf.len() + data.len()).saturating_sub(MAX_UNBOUND_BACKLOG);
+        self.buf.drain(..excess);
+        self.buf.extend(data);
+    }
+
+    fn take(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf).into()
+    }
+}
+
+/// A console SALAD reads: a serial device (by path as matched by the glob) or a network
+/// console (by connection number).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ConsoleKey {
+    Serial(PathBuf),
+    Net(u64),
+}
+
 struct Client {
     generation: u64,
     peer: SocketAddr,
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Bytes>,
 }
 
 struct Machine {
     port: u16,
+    log_port: u16,
     client: Option<Client>,
+    log: broadcast::Sender<Bytes>,
 }
 
 impl Machine {
     fn info(&self) -> MachineInfo {
         MachineInfo {
             tcp_port: self.port,
+            log_port: self.log_port,
             has_client: self.client.is_some(),
             client: self.client.as_ref().map(|c| c.peer),
         }
@@ -316,18 +446,60 @@ struct Device {
     generation: u64,
     /// Canonical path the glob match pointed to when opened.
     target: PathBuf,
-    writer: mpsc::Sender<Vec<u8>>,
+    writer: Arc<ConsoleWriter>,
     cancel: CancellationToken,
+}
+
+struct NetConsole {
+    peer: SocketAddr,
+    writer: Arc<ConsoleWriter>,
+}
+
+/// The write side of a console, shared by its reader (for pongs) and the relay client, who
+/// write to it directly; the lock keeps their writes whole and in order.
+struct ConsoleWriter {
+    kind: WriterKind,
+    /// Fires when the console is closed, so no writer waits on it forever.
+    cancel: CancellationToken,
+}
+
+enum WriterKind {
+    Serial {
+        fd: Arc<AsyncFd<OwnedFd>>,
+        lock: tokio::sync::Mutex<()>,
+    },
+    Net(tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>),
+}
+
+impl ConsoleWriter {
+    /// Write all of `data`; returns early (with success) if the console is closed meanwhile.
+    async fn write_all(&self, data: &[u8]) -> io::Result<()> {
+        let write = async {
+            match &self.kind {
+                WriterKind::Serial { fd, lock } => {
+                    let _guard = lock.lock().await;
+                    write_all_fd(fd, data).await
+                }
+                WriterKind::Net(wr) => wr.lock().await.write_all(data).await,
+            }
+        };
+        tokio::select! {
+            _ = self.cancel.cancelled() => Ok(()),
+            r = write => r,
+        }
+    }
 }
 
 #[derive(Default)]
 struct State {
     machines: BTreeMap<String, Machine>,
-    /// Open devices, by path as matched by the glob.
+    /// Open serial devices, by path as matched by the glob.
     devices: HashMap<PathBuf, Device>,
-    /// Device path -> machine id; kept while the device is closed, so a device that comes
-    /// back keeps its machine.
-    bindings: HashMap<PathBuf, String>,
+    /// Open network consoles, by connection number.
+    net: HashMap<u64, NetConsole>,
+    /// Console -> machine id. A serial binding is kept while the device is closed, so a
+    /// device that comes back keeps its machine; a network binding ends with its connection.
+    bindings: HashMap<ConsoleKey, String>,
     next_generation: u64,
 }
 
@@ -337,11 +509,41 @@ impl State {
         self.next_generation
     }
 
-    fn device_of(&self, id: &str) -> Option<&PathBuf> {
+    fn console_of(&self, id: &str) -> Option<&ConsoleKey> {
         self.bindings
             .iter()
-            .find_map(|(path, m)| (m == id).then_some(path))
+            .find_map(|(key, m)| (m == id).then_some(key))
     }
+
+    fn device_of(&self, id: &str) -> Option<&PathBuf> {
+        match self.console_of(id)? {
+            ConsoleKey::Serial(path) => Some(path),
+            ConsoleKey::Net(_) => None,
+        }
+    }
+
+    fn unbound_net_consoles(&self) -> usize {
+        self.net
+            .keys()
+            .filter(|c| !self.bindings.contains_key(&ConsoleKey::Net(**c)))
+            .count()
+    }
+}
+
+/// Where a console's output goes at one moment.
+#[derive(Clone, Default)]
+struct Sinks {
+    /// Whether the console is bound to a machine.
+    bound: bool,
+    client: Option<mpsc::Sender<Bytes>>,
+    log: Option<broadcast::Sender<Bytes>>,
+}
+
+/// What to do with one read of console output.
+#[derive(Default)]
+struct Routed {
+    pongs: usize,
+    sends: Vec<(Sinks, Bytes)>,
 }
 
 struct Inner {
@@ -350,6 +552,7 @@ struct Inner {
     state: Mutex<State>,
     cancel: CancellationToken,
     events: broadcast::Sender<SaladEvent>,
+    tcpconsole_addr: Option<SocketAddr>,
 }
 
 /// A running SALAD. Cheap to clone; all clones share the same state.
@@ -368,8 +571,8 @@ impl std::fmt::Debug for Salad {
 }
 
 impl Salad {
-    /// Check the configuration and start scanning for serial devices. Everything stops
-    /// when `cancel` fires.
+    /// Check the configuration, start scanning for serial devices and, when configured,
+    /// accepting network consoles. Everything stops when `cancel` fires.
     pub async fn start(
         config: SaladConfig,
         cancel: CancellationToken,
@@ -384,6 +587,15 @@ impl Salad {
         if config.rescan_interval.is_zero() {
             return Err(ConsoleError::BadInterval);
         }
+        let tcpconsole = match config.tcpconsole_bind {
+            Some(addr) => {
+                let err = |source| ConsoleError::TcpConsoleListen { addr, source };
+                let listener = TcpListener::bind(addr).await.map_err(err)?;
+                let local = listener.local_addr().map_err(err)?;
+                Some((listener, local))
+            }
+            None => None,
+        };
         let (events, _) = broadcast::channel(256);
         let salad = Salad {
             inner: Arc::new(Inner {
@@ -392,10 +604,15 @@ impl Salad {
                 state: Mutex::new(State::default()),
                 cancel,
                 events,
+                tcpconsole_addr: tcpconsole.as_ref().map(|(_, a)| *a),
             }),
         };
         tokio::spawn(salad.clone().scan_loop());
         tracing::info!(globs = ?salad.inner.config.serial_globs, "SALAD is watching serial ports");
+        if let Some((listener, addr)) = tcpconsole {
+            tokio::spawn(salad.clone().serve_tcpconsoles(listener));
+            tracing::info!(%addr, "SALAD is accepting network consoles");
+        }
         Ok(salad)
     }
 
@@ -410,9 +627,14 @@ impl Salad {
         let _ = self.inner.events.send(event);
     }
 
-    /// Events (devices opened and closed, machines bound) from now on.
+    /// Events (consoles opened and closed, machines bound) from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<SaladEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// The address network consoles connect to, if SALAD accepts them.
+    pub fn tcpconsole_addr(&self) -> Option<SocketAddr> {
+        self.inner.tcpconsole_addr
     }
 
     /// All known machines, by id.
@@ -430,14 +652,61 @@ impl Salad {
         self.state().machines.get(&id).map(Machine::info)
     }
 
-    /// The TCP port of a machine's console, creating its listener if the machine is not
-    /// known yet (so a client can wait there for the machine's device to be bound).
+    /// The TCP port of a machine's console, creating its listeners if the machine is not
+    /// known yet (so a client can wait there for the machine's console to be bound).
     pub async fn machine_port(&self, id: &str) -> Result<u16, ConsoleError> {
-        self.ensure_machine(id)
+        self.ensure_machine(id).map(|m| m.tcp_port)
+    }
+
+    /// A machine, created (with its relay and log listeners) if it is not known yet, so a
+    /// job runner can attach to its console before the machine ever printed its id. The id
+    /// is compared case-insensitively and must be valid ([`valid_machine_id`]). Must be
+    /// called from within the Tokio runtime SALAD runs on.
+    pub fn ensure_machine(&self, id: &str) -> Result<MachineInfo, ConsoleError> {
+        if !valid_machine_id(id) {
+            return Err(ConsoleError::BadMachineId(id.to_string()));
+        }
+        if self.inner.cancel.is_cancelled() {
+            return Err(ConsoleError::ShutDown);
+        }
+        let id = id.to_ascii_lowercase();
+        let mut state = self.state();
+        if let Some(m) = state.machines.get(&id) {
+            return Ok(m.info());
+        }
+        let addr = SocketAddr::new(self.inner.config.bind_host, 0);
+        let listen = || -> Result<(TcpListener, u16), ConsoleError> {
+            let listen_err = |source: io::Error| ConsoleError::Listen {
+                id: id.clone(),
+                addr,
+                source,
+            };
+            let std_listener = std::net::TcpListener::bind(addr).map_err(listen_err)?;
+            std_listener.set_nonblocking(true).map_err(listen_err)?;
+            let port = std_listener.local_addr().map_err(listen_err)?.port();
+            let listener = TcpListener::from_std(std_listener).map_err(listen_err)?;
+            Ok((listener, port))
+        };
+        let (listener, port) = listen()?;
+        let (log_listener, log_port) = listen()?;
+        let machine = Machine {
+            port,
+            log_port,
+            client: None,
+            log: broadcast::channel(LOG_QUEUE).0,
+        };
+        let info = machine.info();
+        state.machines.insert(id.clone(), machine);
+        drop(state);
+        tracing::info!(machine = %id, port, log_port, "SALAD: console relay listening");
+        tokio::spawn(self.clone().serve_machine(id.clone(), listener));
+        tokio::spawn(self.clone().serve_log(id, log_listener));
+        Ok(info)
     }
 
     /// The serial device (as matched by the glob) bound to a machine, if any. The binding
     /// outlives the device being closed, so it may name a device that is currently gone.
+    /// A machine bound to a network console has no device.
     pub fn device_of(&self, id: &str) -> Option<PathBuf> {
         let id = id.to_ascii_lowercase();
         self.state().device_of(&id).cloned()
@@ -450,81 +719,93 @@ impl Salad {
         v
     }
 
-    fn ensure_machine(&self, id: &str) -> Result<u16, ConsoleError> {
-        if !valid_machine_id(id) {
-            return Err(ConsoleError::BadMachineId(id.to_string()));
-        }
-        if self.inner.cancel.is_cancelled() {
-            return Err(ConsoleError::ShutDown);
-        }
-        let id = id.to_ascii_lowercase();
-        let mut state = self.state();
-        if let Some(m) = state.machines.get(&id) {
-            return Ok(m.port);
-        }
-        let addr = SocketAddr::new(self.inner.config.bind_host, 0);
-        let listen_err = |source: io::Error| ConsoleError::Listen {
-            id: id.clone(),
-            addr,
-            source,
-        };
-        let std_listener = std::net::TcpListener::bind(addr).map_err(listen_err)?;
-        std_listener.set_nonblocking(true).map_err(listen_err)?;
-        let port = std_listener.local_addr().map_err(listen_err)?.port();
-        let listener = TcpListener::from_std(std_listener).map_err(listen_err)?;
-        state
-            .machines
-            .insert(id.clone(), Machine { port, client: None });
-        drop(state);
-        tracing::info!(machine = %id, port, "SALAD: console relay listening");
-        tokio::spawn(self.clone().serve_machine(id, listener));
-        Ok(port)
+    /// The network consoles currently connected, sorted by peer address.
+    pub fn network_consoles(&self) -> Vec<NetworkConsole> {
+        let state = self.state();
+        let mut v: Vec<NetworkConsole> = state
+            .net
+            .iter()
+            .map(|(c, n)| NetworkConsole {
+                peer: n.peer,
+                machine_id: state.bindings.get(&ConsoleKey::Net(*c)).cloned(),
+            })
+            .collect();
+        v.sort_by_key(|n| n.peer);
+        v
     }
 
-    /// Bind `device` to machine `id`. Returns whether the binding changed.
-    fn bind(&self, device: &Path, id: &str) -> bool {
+    /// How many read-only clients are registered on a machine's log port (0 for an
+    /// unknown machine). Output is sent to a log client from its registration on.
+    pub fn log_clients(&self, id: &str) -> usize {
+        let id = id.to_ascii_lowercase();
+        self.state()
+            .machines
+            .get(&id)
+            .map_or(0, |m| m.log.receiver_count())
+    }
+
+    /// Bind `console` to machine `id`. Returns whether the binding changed.
+    fn bind(&self, console: &ConsoleKey, id: &str) -> bool {
         if let Err(e) = self.ensure_machine(id) {
-            tracing::warn!(machine = %id, device = %device.display(), "SALAD: {e}");
+            tracing::warn!(machine = %id, console = ?console, "SALAD: {e}");
         }
         let mut state = self.state();
-        if state.bindings.get(device).map(String::as_str) == Some(id) {
+        if state.bindings.get(console).map(String::as_str) == Some(id) {
             return false;
         }
-        let previous = state.device_of(id).cloned();
+        let previous = state.console_of(id).cloned();
         state.bindings.retain(|_, m| m != id);
-        let old_id = state.bindings.insert(device.to_path_buf(), id.to_string());
+        let old_id = state.bindings.insert(console.clone(), id.to_string());
+        let event = match console {
+            ConsoleKey::Serial(path) => Some(SaladEvent::Bound {
+                machine_id: id.to_string(),
+                device: path.clone(),
+            }),
+            ConsoleKey::Net(c) => state.net.get(c).map(|n| SaladEvent::NetworkConsoleBound {
+                machine_id: id.to_string(),
+                peer: n.peer,
+            }),
+        };
         drop(state);
         tracing::info!(
             machine = %id,
-            device = %device.display(),
-            previous_device = ?previous,
+            console = ?console,
+            previous_console = ?previous,
             previous_machine = ?old_id,
             "SALAD: console bound"
         );
-        self.emit(SaladEvent::Bound {
-            machine_id: id.to_string(),
-            device: device.to_path_buf(),
-        });
+        if let Some(event) = event {
+            self.emit(event);
+        }
         true
     }
 
-    /// Where output of `device` goes now: the client of its machine, if any.
-    fn client_of_device(&self, device: &Path) -> Option<mpsc::Sender<Vec<u8>>> {
+    /// Where output of `console` goes now: the clients of its machine, if bound.
+    fn sinks_of(&self, console: &ConsoleKey) -> Sinks {
         let state = self.state();
-        let id = state.bindings.get(device)?;
-        state
-            .machines
-            .get(id)?
-            .client
-            .as_ref()
-            .map(|c| c.tx.clone())
+        let Some(id) = state.bindings.get(console) else {
+            return Sinks::default();
+        };
+        match state.machines.get(id) {
+            Some(m) => Sinks {
+                bound: true,
+                client: m.client.as_ref().map(|c| c.tx.clone()),
+                log: (m.log.receiver_count() > 0).then(|| m.log.clone()),
+            },
+            None => Sinks {
+                bound: true,
+                ..Sinks::default()
+            },
+        }
     }
 
-    /// Where input for machine `id` goes now: its bound device, if open.
-    fn writer_of_machine(&self, id: &str) -> Option<mpsc::Sender<Vec<u8>>> {
+    /// Where input for machine `id` goes now: its bound console, if open.
+    fn writer_of_machine(&self, id: &str) -> Option<Arc<ConsoleWriter>> {
         let state = self.state();
-        let path = state.device_of(id)?;
-        state.devices.get(path).map(|d| d.writer.clone())
+        match state.console_of(id)? {
+            ConsoleKey::Serial(path) => state.devices.get(path).map(|d| d.writer.clone()),
+            ConsoleKey::Net(c) => state.net.get(c).map(|n| n.writer.clone()),
+        }
     }
 
     async fn scan_loop(self) {
@@ -608,8 +889,15 @@ impl Salad {
                 }
             };
             failures.remove(&path);
-            let (writer, rx) = mpsc::channel(DEVICE_QUEUE);
+            let fd = Arc::new(fd);
             let cancel = self.inner.cancel.child_token();
+            let writer = Arc::new(ConsoleWriter {
+                kind: WriterKind::Serial {
+                    fd: fd.clone(),
+                    lock: tokio::sync::Mutex::new(()),
+                },
+                cancel: cancel.clone(),
+            });
             let generation = {
                 let mut state = self.state();
                 let generation = state.generation();
@@ -618,7 +906,7 @@ impl Salad {
                     Device {
                         generation,
                         target,
-                        writer,
+                        writer: writer.clone(),
                         cancel: cancel.clone(),
                     },
                 );
@@ -626,7 +914,10 @@ impl Salad {
             };
             tracing::info!(device = %path.display(), "SALAD: serial device opened");
             self.emit(SaladEvent::DeviceOpened(path.clone()));
-            tokio::spawn(self.clone().run_device(path, generation, fd, rx, cancel));
+            tokio::spawn(
+                self.clone()
+                    .run_device(path, generation, fd, writer, cancel),
+            );
         }
     }
 
@@ -634,40 +925,29 @@ impl Salad {
         self,
         path: PathBuf,
         generation: u64,
-        fd: AsyncFd<OwnedFd>,
-        mut rx: mpsc::Receiver<Vec<u8>>,
+        fd: Arc<AsyncFd<OwnedFd>>,
+        writer: Arc<ConsoleWriter>,
         cancel: CancellationToken,
     ) {
+        let key = ConsoleKey::Serial(path.clone());
         let mut line = LineBuf::default();
-        let mut buf = vec![0u8; 4096];
+        let mut buf = vec![0u8; READ_BUF];
         let reason = loop {
             tokio::select! {
                 _ = cancel.cancelled() => break "device vanished or SALAD is stopping".to_string(),
-                r = fd.async_io(Interest::READABLE, |f| {
-                    nix::unistd::read(f, &mut buf).map_err(io::Error::from)
-                }) => match r {
+                r = read_fd(&fd, &mut buf) => match r {
                     Ok(0) => break "device hung up (end of file)".to_string(),
                     Ok(n) => {
-                        if let Err(e) = self.handle_output(&path, &buf[..n], &mut line, &fd, &cancel).await {
+                        let routed = self.route_output(&key, &buf[..n], &mut line, None);
+                        if let Err(e) = deliver(&writer, routed).await {
                             break format!("write error: {e}");
                         }
                     }
                     Err(e) => break format!("read error: {e}"),
                 },
-                msg = rx.recv() => match msg {
-                    Some(bytes) => {
-                        let r = tokio::select! {
-                            _ = cancel.cancelled() => Ok(()),
-                            r = write_all_fd(&fd, &bytes) => r,
-                        };
-                        if let Err(e) = r {
-                            break format!("write error: {e}");
-                        }
-                    }
-                    None => break "device writer dropped".to_string(),
-                },
             }
         };
+        cancel.cancel();
         {
             let mut state = self.state();
             if state
@@ -682,45 +962,152 @@ impl Salad {
         self.emit(SaladEvent::DeviceClosed { path, reason });
     }
 
-    /// Handle bytes read from a device: answer pings, bind machine ids, relay the bytes to
-    /// the machine's client. A line that binds the device to a new machine is relayed whole
-    /// to that machine's client.
-    async fn handle_output(
+    /// Sort bytes read from a console: count pings, bind machine ids, and say which bytes
+    /// go to which clients. A line that binds the console to a new machine goes whole to
+    /// that machine's clients, preceded by the console's backlog (network consoles keep
+    /// what they print while unbound in `backlog`).
+    fn route_output(
         &self,
-        path: &Path,
+        console: &ConsoleKey,
         data: &[u8],
         line: &mut LineBuf,
-        fd: &AsyncFd<OwnedFd>,
-        cancel: &CancellationToken,
-    ) -> io::Result<()> {
-        let mut target = self.client_of_device(path);
-        let mut pending: Vec<u8> = Vec::with_capacity(data.len());
+        mut backlog: Option<&mut Backlog>,
+    ) -> Routed {
+        let mut routed = Routed::default();
+        let mut sinks = self.sinks_of(console);
+        let mut start = 0;
+        let mut pos = 0;
         for segment in data.split_inclusive(|b| *b == b'\n') {
+            let seg_start = pos;
+            pos += segment.len();
             line.push(segment);
-            if segment.ends_with(b"\n") {
-                let whole = line.take_line();
-                let parsed = whole.as_deref().and_then(parse_line);
-                if parsed == Some(SaladLine::Ping) {
-                    tokio::select! {
-                        _ = cancel.cancelled() => {}
-                        r = write_all_fd(fd, PONG) => r?,
+            if !segment.ends_with(b"\n") {
+                continue;
+            }
+            let whole = line.take_line();
+            let parsed = whole.as_deref().and_then(parse_line);
+            match parsed {
+                Some(SaladLine::Ping) => routed.pongs += 1,
+                Some(SaladLine::MachineId(id)) => {
+                    let was_bound = sinks.bound;
+                    if !self.bind(console, &id) {
+                        continue;
                     }
+                    route(
+                        &mut routed,
+                        &sinks,
+                        &data[start..seg_start],
+                        backlog.as_deref_mut(),
+                    );
+                    start = pos;
+                    sinks = self.sinks_of(console);
+                    let first = match backlog.as_deref_mut() {
+                        // What the console printed unbound, this line's start included.
+                        Some(b) if !was_bound => {
+                            b.push(segment);
+                            b.take()
+                        }
+                        _ => whole.unwrap_or_else(|| segment.to_vec()),
+                    };
+                    route(&mut routed, &sinks, &first, None);
                 }
-                if let Some(SaladLine::MachineId(id)) = parsed
-                    && self.bind(path, &id)
-                {
-                    forward(target.as_ref(), std::mem::take(&mut pending)).await;
-                    target = self.client_of_device(path);
-                    // The line itself goes to the new machine's client, whole even when it
-                    // was cut across reads.
-                    pending = whole.unwrap_or_else(|| segment.to_vec());
+                None => {}
+            }
+        }
+        route(&mut routed, &sinks, &data[start..], backlog);
+        routed
+    }
+
+    async fn serve_tcpconsoles(self, listener: TcpListener) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                r = listener.accept() => r,
+            };
+            let (sock, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("SALAD: accepting a network console failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
-            }
-            pending.extend_from_slice(segment);
+            };
+            let _ = sock.set_nodelay(true);
+            let (rd, wr) = sock.into_split();
+            let cancel = self.inner.cancel.child_token();
+            let writer = Arc::new(ConsoleWriter {
+                kind: WriterKind::Net(tokio::sync::Mutex::new(wr)),
+                cancel: cancel.clone(),
+            });
+            let conn = {
+                let mut state = self.state();
+                if state.unbound_net_consoles() >= MAX_UNBOUND_NET_CONSOLES {
+                    None
+                } else {
+                    let conn = state.generation();
+                    state.net.insert(
+                        conn,
+                        NetConsole {
+                            peer,
+                            writer: writer.clone(),
+                        },
+                    );
+                    Some(conn)
+                }
+            };
+            let Some(conn) = conn else {
+                tracing::warn!(
+                    %peer,
+                    "SALAD: {MAX_UNBOUND_NET_CONSOLES} network consoles are already waiting \
+                     for a machine id; closing this one"
+                );
+                continue;
+            };
+            tracing::info!(%peer, "SALAD: network console connected");
+            self.emit(SaladEvent::NetworkConsoleOpened { peer });
+            tokio::spawn(self.clone().run_net_console(conn, peer, rd, writer, cancel));
         }
-        forward(target.as_ref(), pending).await;
-        Ok(())
+    }
+
+    async fn run_net_console(
+        self,
+        conn: u64,
+        peer: SocketAddr,
+        mut rd: tokio::net::tcp::OwnedReadHalf,
+        writer: Arc<ConsoleWriter>,
+        cancel: CancellationToken,
+    ) {
+        let key = ConsoleKey::Net(conn);
+        let mut line = LineBuf::default();
+        let mut backlog = Backlog::default();
+        let mut buf = vec![0u8; READ_BUF];
+        let reason = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break "SALAD is stopping".to_string(),
+                r = rd.read(&mut buf) => match r {
+                    Ok(0) => break "closed by the peer".to_string(),
+                    Ok(n) => {
+                        let routed = self.route_output(&key, &buf[..n], &mut line, Some(&mut backlog));
+                        if let Err(e) = deliver(&writer, routed).await {
+                            break format!("write error: {e}");
+                        }
+                    }
+                    Err(e) => break format!("read error: {e}"),
+                },
+            }
+        };
+        cancel.cancel();
+        let machine_id = {
+            let mut state = self.state();
+            state.net.remove(&conn);
+            state.bindings.remove(&key)
+        };
+        tracing::info!(%peer, machine = ?machine_id, %reason, "SALAD: network console closed");
+        self.emit(SaladEvent::NetworkConsoleClosed {
+            peer,
+            machine_id,
+            reason,
+        });
     }
 
     async fn serve_machine(self, id: String, listener: TcpListener) {
@@ -737,6 +1124,7 @@ impl Salad {
                     continue;
                 }
             };
+            let _ = sock.set_nodelay(true);
             let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
             let generation = {
                 let mut state = self.state();
@@ -771,7 +1159,7 @@ impl Salad {
         id: String,
         generation: u64,
         sock: TcpStream,
-        mut rx: mpsc::Receiver<Vec<u8>>,
+        mut rx: mpsc::Receiver<Bytes>,
     ) {
         let (mut rd, mut wr) = sock.into_split();
         let mut buf = vec![0u8; 4096];
@@ -782,9 +1170,11 @@ impl Salad {
                     Ok(0) | Err(_) => break,
                     Ok(n) => match self.writer_of_machine(&id) {
                         Some(w) => {
-                            let _ = w.send(buf[..n].to_vec()).await;
+                            if let Err(e) = w.write_all(&buf[..n]).await {
+                                tracing::debug!(machine = %id, "SALAD: writing client input to the console: {e}");
+                            }
                         }
-                        None => tracing::debug!(machine = %id, "SALAD: no device for client input; dropped"),
+                        None => tracing::debug!(machine = %id, "SALAD: no console for client input; dropped"),
                     },
                 },
                 out = rx.recv() => match out {
@@ -808,18 +1198,124 @@ impl Salad {
         drop(state);
         tracing::info!(machine = %id, "SALAD: console client disconnected");
     }
+
+    async fn serve_log(self, id: String, listener: TcpListener) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                r = listener.accept() => r,
+            };
+            let (sock, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(machine = %id, "SALAD: accept on the log port failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let rx = {
+                let state = self.state();
+                state
+                    .machines
+                    .get(&id)
+                    .filter(|m| m.log.receiver_count() < MAX_LOG_CLIENTS)
+                    .map(|m| m.log.subscribe())
+            };
+            let Some(rx) = rx else {
+                tracing::warn!(machine = %id, %peer, "SALAD: too many log clients; closing this one");
+                continue;
+            };
+            let _ = sock.set_nodelay(true);
+            tracing::info!(machine = %id, %peer, "SALAD: log client connected");
+            tokio::spawn(serve_log_client(
+                self.inner.cancel.clone(),
+                id.clone(),
+                peer,
+                sock,
+                rx,
+            ));
+        }
+    }
 }
 
-/// Send device output to a client, waiting a while if its queue is full.
-async fn forward(target: Option<&mpsc::Sender<Vec<u8>>>, bytes: Vec<u8>) {
-    let Some(tx) = target else { return };
+/// Queue `bytes` for `sinks` (if bound) or keep them in the backlog (if unbound).
+fn route(routed: &mut Routed, sinks: &Sinks, bytes: &[u8], backlog: Option<&mut Backlog>) {
     if bytes.is_empty() {
         return;
     }
-    match tokio::time::timeout(CLIENT_STALL, tx.send(bytes)).await {
-        Ok(_) => {}
-        Err(_) => tracing::warn!("SALAD: console client stalled; dropped some console output"),
+    if sinks.bound {
+        if sinks.client.is_some() || sinks.log.is_some() {
+            routed
+                .sends
+                .push((sinks.clone(), Bytes::copy_from_slice(bytes)));
+        }
+    } else if let Some(b) = backlog {
+        b.push(bytes);
     }
+}
+
+/// Send console output to a machine's clients: log clients never wait (a lagging one
+/// loses output); the relay client is waited for a while if its queue is full.
+/// Answers the pings of one read (on the console itself) and forwards its output to the
+/// machine's clients; an error is a failed write to the console.
+async fn deliver(writer: &ConsoleWriter, routed: Routed) -> io::Result<()> {
+    for _ in 0..routed.pongs {
+        writer.write_all(PONG).await?;
+    }
+    for (sinks, bytes) in routed.sends {
+        forward(&sinks, bytes).await;
+    }
+    Ok(())
+}
+
+async fn forward(sinks: &Sinks, bytes: Bytes) {
+    if let Some(log) = &sinks.log {
+        let _ = log.send(bytes.clone());
+    }
+    let Some(tx) = &sinks.client else { return };
+    match tx.try_send(bytes) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Full(bytes)) => {
+            if tokio::time::timeout(CLIENT_STALL, tx.send(bytes))
+                .await
+                .is_err()
+            {
+                tracing::warn!("SALAD: console client stalled; dropped some console output");
+            }
+        }
+    }
+}
+
+/// Stream console output to one read-only client, discarding what it sends.
+async fn serve_log_client(
+    cancel: CancellationToken,
+    id: String,
+    peer: SocketAddr,
+    sock: TcpStream,
+    mut rx: broadcast::Receiver<Bytes>,
+) {
+    let (mut rd, mut wr) = sock.into_split();
+    let mut sink = vec![0u8; 1024];
+    let mut lost: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = rd.read(&mut sink) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            },
+            out = rx.recv() => match out {
+                Ok(bytes) => {
+                    if wr.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => lost += n,
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+        }
+    }
+    tracing::info!(machine = %id, %peer, lost_chunks = lost, "SALAD: log client disconnected");
 }
 
 /// Tell a second client that the machine is taken, then close.
@@ -871,10 +1367,36 @@ mod tests {
     }
 
     #[test]
+    fn machine_id_ends_at_white_space() {
+        assert_eq!(
+            parse_line(
+                b"[    0.000000] Command line: console=ttyS0 SALAD.machine_id=52:54:00:11:22:01 quiet\r\n"
+            ),
+            Some(SaladLine::MachineId("52:54:00:11:22:01".into()))
+        );
+        assert_eq!(
+            parse_line(b"SALAD.machine_id=a\tb\n"),
+            Some(SaladLine::MachineId("a".into()))
+        );
+    }
+
+    #[test]
+    fn backlog_keeps_the_newest_bytes() {
+        let mut b = Backlog::default();
+        b.push(&vec![b'a'; MAX_UNBOUND_BACKLOG - 1]);
+        b.push(b"xyz");
+        assert_eq!(b.buf.len(), MAX_UNBOUND_BACKLOG);
+        let all = b.take();
+        assert!(all.ends_with(b"axyz"));
+        assert_eq!(all.len(), MAX_UNBOUND_BACKLOG);
+        assert!(b.take().is_empty());
+    }
+
+    #[test]
     fn bad_machine_ids_are_rejected() {
         assert_eq!(parse_line(b"SALAD.machine_id=\n"), None);
         assert_eq!(parse_line(b"SALAD.machine_id=   \n"), None);
-        assert_eq!(parse_line(b"SALAD.machine_id=a b\n"), None);
+        assert_eq!(parse_line(b"SALAD.machine_id=a;b c\n"), None);
         assert_eq!(parse_line(b"SALAD.machine_id=a/b\n"), None);
         assert_eq!(parse_line(b"SALAD.machine_id=\xff\xfe\n"), None);
         let long = format!("SALAD.machine_id={}\n", "a".repeat(65));

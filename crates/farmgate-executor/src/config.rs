@@ -69,6 +69,12 @@ pub struct GatewayConfig {
     pub salad_url: String,
     /// `SALAD_PORT`: port of SALAD's REST API (default 8005).
     pub salad_port: u16,
+    /// `SALAD_TCPCONSOLE_PORT`: where network consoles (QEMU serial ports) connect
+    /// (default 8100; 0 disables them).
+    pub salad_tcpconsole_port: u16,
+    /// `PRIVATE_INTERFACE`: the network interface of the DUTs' network, where the DHCP
+    /// server answers (default `private`; when it does not exist, no DHCP is served).
+    pub private_interface: String,
     /// `SALAD_SERIAL_PORTS`: colon-separated globs of serial devices to watch
     /// (default `/dev/ttyUSB*:/dev/ttyACM*`).
     pub salad_serial_globs: Vec<String>,
@@ -168,6 +174,8 @@ impl GatewayConfig {
             boots_disable_servers: get("BOOTS_DISABLE_SERVERS").is_some_and(|v| !v.is_empty()),
             salad_url: get("SALAD_URL").unwrap_or_else(|| "http://ci-gateway:8005".into()),
             salad_port: parse_or(env, "SALAD_PORT", 8005)?,
+            salad_tcpconsole_port: parse_or(env, "SALAD_TCPCONSOLE_PORT", 8100)?,
+            private_interface: get("PRIVATE_INTERFACE").unwrap_or_else(|| "private".into()),
             salad_serial_globs: get("SALAD_SERIAL_PORTS")
                 .unwrap_or_else(|| "/dev/ttyUSB*:/dev/ttyACM*".into())
                 .split(':')

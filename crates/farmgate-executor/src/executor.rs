@@ -1062,6 +1062,14 @@ impl Executor {
         let ctx = self.render_context("00:00:00:00:00:00", &placeholder, &metadata);
         let (_, job) = farmgate_job::render_and_parse(template, &ctx)
             .map_err(|e| ExecError::BadRequest(format!("job description: {e}")))?;
+        // A command line iPXE cannot take would only show as a DUT that never boots.
+        for (boot, name) in [(0, "start"), (1, "continue")] {
+            crate::bootscript::check_cmdline(&job.deployment.for_boot(boot).cmdline).map_err(
+                |e| {
+                    ExecError::BadRequest(format!("job description: deployment.{name}.kernel: {e}"))
+                },
+            )?;
+        }
         let target = metadata.target.clone().unwrap_or(job.target.clone());
         let job_id = match &metadata.job_id {
             Some(id) => {
@@ -1496,9 +1504,92 @@ impl Executor {
         }
     }
 
-    /// The iPXE script a DUT gets when it netboots (`/api/v1/dut/<id>/boot.ipxe`).
-    pub fn boot_script(&self, mac: &str) -> Result<String, ExecError> {
+    /// A DHCP request from a DUT on the private network. `client` says who asked:
+    /// `firmware` (a PXE ROM), `iPXE`, or `OS` (anything else, e.g. the booted kernel's
+    /// DHCP client). For a machine running a job it is written in the job's log: a
+    /// request from the firmware or iPXE is where the firmware boot is known complete.
+    pub fn note_dhcp_request(&self, mac: &str, client: &str, address: Option<std::net::Ipv4Addr>) {
         let id = mac.to_lowercase();
+        let current = lock(&self.inner.sched)
+            .duts
+            .get(&id)
+            .and_then(|rt| rt.current_job.clone());
+        let addr = address
+            .map(|a| format!(" (address {a})"))
+            .unwrap_or_default();
+        tracing::debug!(machine = %id, client, ?address, "DHCP request");
+        if let Some(job_id) = current {
+            let text = if client == "OS" {
+                format!("DHCP request from the DUT's OS{addr}")
+            } else {
+                format!("firmware boot complete: DHCP request from {client}{addr}")
+            };
+            if let Err(e) = self
+                .inner
+                .store
+                .append_events(&job_id, &[(EventKind::Ctrl, text)])
+            {
+                tracing::debug!(job_id, "cannot log the DHCP request: {e}");
+            }
+        }
+    }
+
+    /// A file of the running job's `deployment.storage.http` (`tftp` false) or
+    /// `storage.tftp` (`tftp` true) for machine `mac`, for its current boot.
+    pub fn storage_file(
+        &self,
+        mac: &str,
+        tftp: bool,
+        path: &str,
+    ) -> Result<crate::storage::StorageContent, ExecError> {
+        let id = mac.to_lowercase();
+        let job_id = lock(&self.inner.sched)
+            .duts
+            .get(&id)
+            .and_then(|rt| rt.current_job.clone())
+            .ok_or_else(|| {
+                ExecError::NotFound(format!("machine {id} has no job running: no storage"))
+            })?;
+        let row = self.job_row(&job_id)?;
+        let rendered = row
+            .rendered
+            .as_ref()
+            .ok_or_else(|| ExecError::NotFound(format!("job {job_id} has not started")))?;
+        let job = farmgate_job::parse(rendered)
+            .map_err(|e| ExecError::Internal(format!("job {job_id}: {e}")))?;
+        let step = job.deployment.for_boot(row.boot_index.saturating_sub(1));
+        let files = if tftp {
+            &step.storage.tftp
+        } else {
+            &step.storage.http
+        };
+        crate::storage::find(files, path)
+            .map_err(|e| ExecError::NotFound(format!("job {job_id} on {id}: {e}")))
+    }
+
+    /// The iPXE script a DUT gets when it netboots (`/api/v1/dut/<id>/boot.ipxe`).
+    ///
+    /// `arch` and `platform` are what iPXE reports (`${buildarch}`: `x86_64`, `i386`,
+    /// `arm64`, `arm32`; `${platform}`: `pcbios`, `efi`); they select the most specific
+    /// `BOOTS_DEFAULT_*` variable for machines that boot the default configuration.
+    /// Values made of anything but letters, digits and `_` are ignored.
+    pub fn boot_script(
+        &self,
+        mac: &str,
+        arch: Option<&str>,
+        platform: Option<&str>,
+    ) -> Result<String, ExecError> {
+        let id = mac.to_lowercase();
+        let word = |v: Option<&str>| {
+            v.filter(|v| {
+                !v.is_empty()
+                    && v.len() <= 16
+                    && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            })
+            .map(str::to_string)
+        };
+        let (arch, platform) = (word(arch), word(platform));
+        let (arch, platform) = (arch.as_deref(), platform.as_deref());
         let current = lock(&self.inner.sched)
             .duts
             .get(&id)
@@ -1509,7 +1600,7 @@ impl Executor {
                 let job = farmgate_job::parse(rendered)
                     .map_err(|e| ExecError::Internal(format!("job {job_id}: {e}")))?;
                 let step = job.deployment.for_boot(row.boot_index.saturating_sub(1));
-                return crate::bootscript::render(&job_id, row.boot_index, &step)
+                return crate::bootscript::render(&id, &job_id, row.boot_index, &step)
                     .map_err(ExecError::BadRequest);
             }
         }
@@ -1518,13 +1609,14 @@ impl Executor {
         if !known || discovering {
             let c = &self.inner.config;
             let kernel = c
-                .boot_default("KERNEL", Some("IPXE"), None, None)
+                .boot_default("KERNEL", Some("IPXE"), arch, platform)
                 .unwrap_or_default();
-            let initrd = c.boot_default("INITRD", Some("IPXE"), None, None);
+            let initrd = c.boot_default("INITRD", Some("IPXE"), arch, platform);
             let cmdline = c
-                .boot_default("CMDLINE", Some("IPXE"), None, None)
+                .boot_default("CMDLINE", Some("IPXE"), arch, platform)
                 .unwrap_or_default();
             return Ok(crate::bootscript::render_default(
+                &id,
                 &kernel,
                 initrd.as_deref(),
                 &cmdline,

@@ -16,6 +16,7 @@ pub mod executor;
 pub mod runner;
 pub mod spawn;
 pub mod spec;
+pub mod storage;
 
 pub use config::{ConfigError, GatewayConfig};
 pub use executor::{ExecError, Executor};

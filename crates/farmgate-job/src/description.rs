@@ -103,7 +103,7 @@ impl Timeouts {
 /// The console patterns of a job (`console_patterns`), compiled for bytes.
 #[derive(Debug, Clone)]
 pub struct ConsolePatterns {
-    /// The session is over (default: the kernel's `reboot: Power Down`).
+    /// The session is over (default: the kernel's `reboot: Power down`).
     pub session_end: regex::bytes::Regex,
     /// The DUT rebooted by itself: uses a retry of `boot_cycle`.
     pub session_reboot: Option<regex::bytes::Regex>,
@@ -128,8 +128,9 @@ pub struct WatchdogPatterns {
     pub stop: Option<regex::bytes::Regex>,
 }
 
-/// Default `session_end` pattern.
-pub const DEFAULT_SESSION_END: &str = "reboot: Power Down";
+/// Default `session_end` pattern: what Linux prints when it powers off (`reboot: Power
+/// down`; CI-tron's default spells it `Power Down`, both match).
+pub const DEFAULT_SESSION_END: &str = "reboot: Power [Dd]own";
 
 impl ConsolePatterns {
     /// Uses `unfit` (the farm-wide pattern) as `machine_unfit_for_service` when the job

@@ -1,5 +1,9 @@
-//! Read-only TFTP server for netbooting DUTs whose firmware cannot fetch over HTTP (it
-//! fetches iPXE over TFTP, and iPXE then continues over HTTP).
+//! Netboot services for DUTs: a read-only TFTP server for firmware that cannot fetch over
+//! HTTP (it fetches iPXE over TFTP, and iPXE then continues over HTTP), and a DHCPv4 server
+//! ([`dhcp_server`]) that tells PXE firmware which iPXE binary to fetch and tells iPXE the
+//! URL of its boot script.
+//!
+//! The TFTP server:
 //!
 //! * RFC 1350 read requests in `octet` and `netascii` mode. `netascii` files are served
 //!   as-is (no LF → CR LF translation): boot files are binary, and every client in practice
@@ -11,12 +15,21 @@
 //! * Each request is served from its own task on a fresh ephemeral UDP socket (a new
 //!   transfer ID, as RFC 1350 asks). Block numbers wrap around from 65535 to 0. On timeout
 //!   (1 s, or the negotiated `timeout`) the unacknowledged window is sent again, up to
-//!   [`MAX_RETRIES`] times, then the transfer is abandoned.
+//!   [`MAX_RETRIES`] times, then the transfer is abandoned. The file is read in 256 KiB
+//!   chunks and DATA packet buffers are reused, so a block costs no allocation and no
+//!   blocking-pool round trip.
 //! * Names are resolved below the root by [`resolve`], which refuses `..`, NUL, backslashes
 //!   and anything (including symlinks) that ends up outside the root.
-//! * [`dhcp`] parses and encodes DHCPv4 messages (no I/O) for a netboot DHCP server.
+//!
+//! [`dhcp`] parses and encodes DHCPv4 messages (no I/O); [`dhcp_server`] serves them.
+//!
+//! The `farmgate-netboot-serve` binary of this package is a test and benchmark helper: it
+//! runs both servers on an interface (or the TFTP server alone), and has a `probe`
+//! subcommand that sends one DHCP DISCOVER (optionally followed by a REQUEST) and prints
+//! the answer.
 
 pub mod dhcp;
+pub mod dhcp_server;
 pub mod packet;
 
 use std::collections::VecDeque;
@@ -133,11 +146,36 @@ pub fn resolve(root: &Path, requested: &str) -> Result<PathBuf, PathError> {
 }
 
 /// A bound, not yet serving, TFTP server.
-#[derive(Debug)]
 pub struct TftpServer {
     socket: std::net::UdpSocket,
     root: PathBuf,
+    overlay: Option<Overlay>,
 }
+
+impl std::fmt::Debug for TftpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TftpServer")
+            .field("socket", &self.socket)
+            .field("root", &self.root)
+            .field("overlay", &self.overlay.is_some())
+            .finish()
+    }
+}
+
+/// Files served before the root is looked at: given the client's address and the
+/// requested name, the content to send, or `None` to look in the root. The gateway uses
+/// it for a running job's `storage.tftp` files (the client's address tells which DUT).
+pub type Overlay = std::sync::Arc<
+    dyn Fn(
+            IpAddr,
+            String,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Vec<u8>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// What a transfer reads from: a file of the root or an overlay's content.
+type Source = tokio::io::BufReader<Box<dyn tokio::io::AsyncRead + Unpin + Send>>;
 
 impl TftpServer {
     /// Binds the listening socket on `addr` (port 69 in production, `:0` in tests) and
@@ -154,7 +192,17 @@ impl TftpServer {
         }
         let socket = std::net::UdpSocket::bind(addr)?;
         socket.set_nonblocking(true)?;
-        Ok(TftpServer { socket, root })
+        Ok(TftpServer {
+            socket,
+            root,
+            overlay: None,
+        })
+    }
+
+    /// Serves what `overlay` returns before looking in the root (see [`Overlay`]).
+    pub fn with_overlay(mut self, overlay: Overlay) -> TftpServer {
+        self.overlay = Some(overlay);
+        self
     }
 
     /// The address the listening socket is bound to.
@@ -168,26 +216,19 @@ impl TftpServer {
         let local_ip = socket.local_addr()?.ip();
         let mut buf = vec![0u8; 65536];
         loop {
-            let (len, peer) = tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                r = socket.recv_from(&mut buf) => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // ICMP port unreachable and the like surface here on some systems.
-                        tracing::debug!("tftp: recv_from: {e}");
-                        continue;
-                    }
-                },
+            let Some((len, peer)) = recv_or_cancel(&socket, &mut buf, &cancel, "tftp").await else {
+                return Ok(());
             };
             let datagram = buf.get(..len).unwrap_or(&[]);
             match packet::parse(datagram) {
                 Ok(Packet::Rrq(req)) => {
                     let root = self.root.clone();
+                    let overlay = self.overlay.clone();
                     let cancel = cancel.child_token();
                     tokio::spawn(async move {
                         tokio::select! {
                             _ = cancel.cancelled() => {}
-                            r = transfer(local_ip, peer, root, req) => {
+                            r = transfer(local_ip, peer, root, overlay, req) => {
                                 if let Err(e) = r {
                                     tracing::warn!("tftp: transfer to {peer}: {e}");
                                 }
@@ -261,25 +302,45 @@ enum TransferError {
     Refused(String),
 }
 
-/// Reads up to `len` bytes (fewer only at end of file).
-async fn read_block(file: &mut tokio::fs::File, len: usize) -> io::Result<Vec<u8>> {
-    let mut block = vec![0u8; len];
+/// How much of the file is read at a time (one blocking read per this many bytes, instead
+/// of one per block).
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Fills `buf` (fewer bytes only at end of file); returns how many bytes were read.
+async fn read_full(file: &mut Source, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
-    while filled < len {
-        let n = file.read(&mut block[filled..]).await?;
+    while let Some(rest) = buf.get_mut(filled..).filter(|r| !r.is_empty()) {
+        let n = file.read(rest).await?;
         if n == 0 {
             break;
         }
         filled += n;
     }
-    block.truncate(filled);
-    Ok(block)
+    Ok(filled)
+}
+
+/// Reads the next DATA packet (block number `block`, at most `blksize` bytes of data) into
+/// `out`, reusing its allocation; returns the number of data bytes.
+async fn read_data_packet(
+    file: &mut Source,
+    out: &mut Vec<u8>,
+    block: u16,
+    blksize: usize,
+) -> io::Result<usize> {
+    out.clear();
+    out.extend_from_slice(&packet::OP_DATA.to_be_bytes());
+    out.extend_from_slice(&block.to_be_bytes());
+    out.resize(4 + blksize, 0);
+    let n = read_full(file, out.get_mut(4..).unwrap_or(&mut [])).await?;
+    out.truncate(4 + n);
+    Ok(n)
 }
 
 async fn transfer(
     local_ip: IpAddr,
     peer: SocketAddr,
     root: PathBuf,
+    overlay: Option<Overlay>,
     req: Request,
 ) -> Result<(), TransferError> {
     let socket = ephemeral_socket(local_ip).await?;
@@ -302,31 +363,49 @@ async fn transfer(
         )
         .await;
     }
-    let path = match resolve(&root, &req.filename) {
-        Ok(p) => p,
-        Err(e) => return refuse(e.to_packet(), e.to_string()).await,
+    let overlaid = match &overlay {
+        Some(o) => o(peer.ip(), req.filename.clone()).await,
+        None => None,
     };
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) => {
-            let p = PathError::Io {
-                name: req.filename.clone(),
-                source: e,
-            };
-            return refuse(p.to_packet(), p.to_string()).await;
-        }
-    };
-    let meta = file.metadata().await?;
-    if !meta.is_file() {
-        return refuse(
-            Packet::Error {
-                code: ErrorCode::FileNotFound,
-                message: "file not found".into(),
-            },
-            format!("{} is not a regular file", req.filename),
-        )
-        .await;
-    }
+    let (reader, len, shown): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, u64, String) =
+        match overlaid {
+            Some(content) => {
+                let len = content.len() as u64;
+                (
+                    Box::new(std::io::Cursor::new(content)),
+                    len,
+                    format!("{} (job storage)", req.filename),
+                )
+            }
+            None => {
+                let path = match resolve(&root, &req.filename) {
+                    Ok(p) => p,
+                    Err(e) => return refuse(e.to_packet(), e.to_string()).await,
+                };
+                let file = match tokio::fs::File::open(&path).await {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let p = PathError::Io {
+                            name: req.filename.clone(),
+                            source: e,
+                        };
+                        return refuse(p.to_packet(), p.to_string()).await;
+                    }
+                };
+                let meta = file.metadata().await?;
+                if !meta.is_file() {
+                    return refuse(
+                        Packet::Error {
+                            code: ErrorCode::FileNotFound,
+                            message: "file not found".into(),
+                        },
+                        format!("{} is not a regular file", req.filename),
+                    )
+                    .await;
+                }
+                (Box::new(file), meta.len(), path.display().to_string())
+            }
+        };
 
     // Negotiate.
     let mut blksize = usize::from(packet::DEFAULT_BLKSIZE);
@@ -341,8 +420,8 @@ async fn transfer(
             }
             // curl refuses an OACK with `tsize 0`; for an empty file the option is simply
             // not acknowledged (RFC 2347 lets a server leave out any option).
-            TftpOption::TSize(_) if meta.len() > 0 => {
-                accepted.push(TftpOption::TSize(meta.len()));
+            TftpOption::TSize(_) if len > 0 => {
+                accepted.push(TftpOption::TSize(len));
             }
             TftpOption::TSize(_) => {}
             TftpOption::Timeout(t) => {
@@ -357,45 +436,45 @@ async fn transfer(
         }
     }
     tracing::info!(
-        "tftp: sending {} ({} bytes, blksize {blksize}, window {window}) to {peer}",
-        path.display(),
-        meta.len()
+        "tftp: sending {shown} ({len} bytes, blksize {blksize}, window {window}) to {peer}"
     );
 
     let mut buf = vec![0u8; 65536];
     if !accepted.is_empty() {
-        let oack = Packet::Oack(accepted).encode();
-        exchange(&socket, &mut buf, timeout, &[oack], |ack| {
+        let oack = VecDeque::from([Packet::Oack(accepted).encode()]);
+        exchange(&socket, &mut buf, timeout, &oack, |ack| {
             (ack == 0).then_some(1)
         })
         .await?;
     }
 
-    // `pending` holds the sent, unacknowledged blocks; `base` is the number (not wrapped)
-    // of its first one.
-    let mut pending: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut file: Source = tokio::io::BufReader::with_capacity(READ_CHUNK.max(blksize), reader);
+    // `pending` holds the sent, unacknowledged DATA packets; `base` is the number (not
+    // wrapped) of its first one. Acknowledged packets go to `spare` for reuse.
+    let mut pending: VecDeque<Vec<u8>> = VecDeque::with_capacity(window);
+    let mut spare: Vec<Vec<u8>> = Vec::with_capacity(window);
     let mut base: u64 = 1;
     let mut last_read = false;
     loop {
         while pending.len() < window && !last_read {
-            let data = read_block(&mut file, blksize).await?;
-            last_read = data.len() < blksize;
+            let mut packet = spare.pop().unwrap_or_default();
             let block = (base + pending.len() as u64) as u16;
-            pending.push_back(Packet::Data { block, data }.encode());
+            let n = read_data_packet(&mut file, &mut packet, block, blksize).await?;
+            last_read = n < blksize;
+            pending.push_back(packet);
         }
         if pending.is_empty() {
             return Ok(());
         }
         let first = base;
         let count = pending.len();
-        let packets: Vec<Vec<u8>> = pending.iter().cloned().collect();
-        let acked = exchange(&socket, &mut buf, timeout, &packets, |ack| {
+        let acked = exchange(&socket, &mut buf, timeout, &pending, |ack| {
             (0..count as u64)
                 .find(|i| (first + i) as u16 == ack)
                 .map(|i| i as usize + 1)
         })
         .await?;
-        pending.drain(..acked);
+        spare.extend(pending.drain(..acked));
         base += acked as u64;
     }
 }
@@ -406,7 +485,7 @@ async fn exchange(
     socket: &UdpSocket,
     buf: &mut [u8],
     timeout: Duration,
-    packets: &[Vec<u8>],
+    packets: &VecDeque<Vec<u8>>,
     accept: impl Fn(u16) -> Option<usize>,
 ) -> Result<usize, TransferError> {
     for _attempt in 0..=MAX_RETRIES {
@@ -440,6 +519,26 @@ async fn exchange(
         }
     }
     Err(TransferError::TimedOut)
+}
+
+/// The next datagram of a server socket, or `None` once `cancel` fires. Receive errors
+/// (ICMP port unreachable and the like surface here on some systems) are logged at
+/// debug level and skipped: a server never stops on a client's behaviour.
+pub(crate) async fn recv_or_cancel(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    cancel: &CancellationToken,
+    what: &str,
+) -> Option<(usize, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            r = socket.recv_from(buf) => match r {
+                Ok(x) => return Some(x),
+                Err(e) => tracing::debug!("{what}: recv_from: {e}"),
+            },
+        }
+    }
 }
 
 #[cfg(test)]

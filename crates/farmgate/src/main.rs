@@ -145,6 +145,39 @@ fn admin_token(config: &GatewayConfig) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// Largest `storage.tftp` file fetched from a URL for a DUT (TFTP transfers are slow;
+/// big files belong in `storage.http`).
+const MAX_TFTP_STORAGE: u64 = 256 << 20;
+
+/// The TFTP server's overlay: a running job's `storage.tftp` files, for the DUT that has
+/// the client's address (learnt from DHCP). Anything else falls through to the root.
+fn tftp_storage(
+    exec: Executor,
+    dut_of_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, String>>>,
+) -> farmgate_netboot::Overlay {
+    Arc::new(move |ip, name| {
+        let exec = exec.clone();
+        let mac = dut_of_ip.lock().ok().and_then(|m| m.get(&ip).cloned());
+        Box::pin(async move {
+            let mac = mac?;
+            match exec.storage_file(&mac, true, &name).ok()? {
+                farmgate_executor::storage::StorageContent::Data(bytes) => Some(bytes),
+                farmgate_executor::storage::StorageContent::Url(url) => {
+                    let r = reqwest::get(&url).await.ok()?;
+                    if !r.status().is_success()
+                        || r.content_length().unwrap_or(0) > MAX_TFTP_STORAGE
+                    {
+                        tracing::warn!(%mac, %url, status = %r.status(), "storage.tftp: cannot fetch");
+                        return None;
+                    }
+                    let bytes = r.bytes().await.ok()?;
+                    (bytes.len() as u64 <= MAX_TFTP_STORAGE).then(|| bytes.to_vec())
+                }
+            }
+        })
+    })
+}
+
 async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     {
@@ -165,11 +198,33 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
             rescan_interval: std::time::Duration::from_secs(1),
             bind_host: config.executor_host,
             baud: 115_200,
+            tcpconsole_bind: (config.salad_tcpconsole_port != 0).then(|| {
+                std::net::SocketAddr::new(config.executor_host, config.salad_tcpconsole_port)
+            }),
         },
         shutdown.clone(),
     )
     .await?;
     let exec = Executor::start(config.clone(), shutdown.clone()).await?;
+    // Every known machine has its console relay port from the start, so a job runner can
+    // attach before a network console (a QEMU machine) ever printed its id.
+    {
+        let (exec, salad, sd) = (exec.clone(), salad.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = sd.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                for id in exec.mars().duts.keys() {
+                    if let Err(e) = salad.ensure_machine(id) {
+                        tracing::debug!(machine = %id, "no console relay: {e}");
+                    }
+                }
+            }
+        });
+    }
     let api = tokio::net::TcpListener::bind((config.executor_host, config.executor_port))
         .await
         .map_err(|e| {
@@ -188,6 +243,10 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
                 config.salad_port
             )
         })?;
+    // Which DUT has which address on the private network (from the DHCP server), so the
+    // TFTP server can serve a running job's `storage.tftp` files to its DUT.
+    let dut_of_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, String>>> =
+        Arc::default();
     // Netboot: TFTP for firmware that cannot fetch its boot script over HTTP.
     let tftp = if config.boots_disable_servers {
         None
@@ -205,6 +264,7 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
                     "cannot serve TFTP on {addr} (BOOTS_TFTP_PORT): {e}; set BOOTS_DISABLE_SERVERS=1 to run without the netboot servers"
                 )
             })?;
+        let server = server.with_overlay(tftp_storage(exec.clone(), dut_of_ip.clone()));
         let local = server.local_addr()?;
         let sd = shutdown.clone();
         tokio::spawn(async move {
@@ -214,11 +274,62 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         });
         Some(local)
     };
+    // DHCP on the DUTs' network, when there is one (PRIVATE_INTERFACE).
+    let dhcp = if config.boots_disable_servers {
+        None
+    } else if !std::path::Path::new("/sys/class/net")
+        .join(&config.private_interface)
+        .exists()
+    {
+        tracing::info!(
+            "no interface {:?} (PRIVATE_INTERFACE): no DHCP served",
+            config.private_interface
+        );
+        None
+    } else {
+        let mut cfg = farmgate_netboot::dhcp_server::DhcpServerConfig::from_interface(
+            &config.private_interface,
+            config.executor_port,
+        )
+        .map_err(|e| anyhow::anyhow!("DHCP on PRIVATE_INTERFACE: {e}"))?;
+        cfg.leases_file = Some(config.state_dir.join("dhcp-leases.json"));
+        let server = farmgate_netboot::dhcp_server::DhcpServer::bind(cfg)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot serve DHCP on {}: {e}; set BOOTS_DISABLE_SERVERS=1 to run without the netboot servers",
+                    config.private_interface
+                )
+            })?;
+        let local = server.local_addr()?;
+        let (sd, exec, dut_of_ip) = (shutdown.clone(), exec.clone(), dut_of_ip.clone());
+        tokio::spawn(async move {
+            let seen = move |s: farmgate_netboot::dhcp_server::DhcpSeen| {
+                if let Some(a) = s.address
+                    && let Ok(mut map) = dut_of_ip.lock()
+                {
+                    map.insert(std::net::IpAddr::V4(a), s.mac.clone());
+                }
+                let client = match (s.is_ipxe, s.arch) {
+                    (true, _) => "iPXE",
+                    (false, Some(_)) => "firmware",
+                    (false, None) => "OS",
+                };
+                exec.note_dhcp_request(&s.mac, client, s.address);
+            };
+            if let Err(e) = server.serve(sd, seen).await {
+                tracing::error!("DHCP server stopped: {e}");
+            }
+        });
+        Some(local)
+    };
     tracing::info!(
         farm = %config.farm_name,
         api = %api.local_addr()?,
         salad = %salad_listener.local_addr()?,
         tftp = ?tftp,
+        dhcp = ?dhcp,
+        network_consoles = ?salad.tcpconsole_addr(),
         "farmgate is serving"
     );
     let sd = shutdown.clone();

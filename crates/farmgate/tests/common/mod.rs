@@ -56,6 +56,15 @@ pub struct GatewayOptions {
     pub behaviours: BTreeMap<u32, Behaviour>,
     /// `pdu_off_delay` of every DUT, in seconds.
     pub off_delay: f64,
+    /// QEMU machines behind a `qemu` PDU named `QEMU`: port -> (tags, ready_for_service).
+    /// When not empty, the test initramfs is built into BOOTS_TFTP_ROOT (served at /boot/).
+    pub qemu_duts: BTreeMap<u32, (Vec<String>, bool)>,
+    /// Ports of the `QEMU` PDU (0: no such PDU); `qemu_dut` raises it as needed.
+    pub qemu_ports: u32,
+    /// Run the daemon (and so its QEMU machines) in a network namespace of its own with
+    /// a bridge `private` (10.42.0.1/24) where the gateway serves DHCP and TFTP; the QEMU
+    /// machines plug a tap into it. The test reaches the API over a veth pair.
+    pub private_net: bool,
 }
 
 impl Default for GatewayOptions {
@@ -66,6 +75,9 @@ impl Default for GatewayOptions {
             env: vec![],
             behaviours: BTreeMap::new(),
             off_delay: 0.2,
+            qemu_duts: BTreeMap::new(),
+            qemu_ports: 0,
+            private_net: false,
         }
     }
 }
@@ -80,13 +92,83 @@ impl GatewayOptions {
         self.env.push((k.into(), v.into()));
         self
     }
+    pub fn qemu_dut(mut self, port: u32, tags: &[&str], ready: bool) -> Self {
+        self.qemu_ports = self.qemu_ports.max(port + 1);
+        self.qemu_duts
+            .insert(port, (tags.iter().map(|s| s.to_string()).collect(), ready));
+        self
+    }
     pub fn behaviour(mut self, port: u32, b: Behaviour) -> Self {
         self.behaviours.insert(port, b);
         self
     }
 }
 
+/// A network namespace with a bridge `private` (10.42.0.1/24), reached from the test's
+/// namespace over a veth pair (`10.43.<n>.2` here, `10.43.<n>.1` there). Deleted on drop.
+pub struct PrivateNet {
+    pub ns: String,
+    pub outside: String,
+    pub gateway_ip: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip runs");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl PrivateNet {
+    pub fn create() -> PrivateNet {
+        static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let pid = std::process::id();
+        let n = (pid.wrapping_mul(7).wrapping_add(k)) % 250 + 1;
+        let ns = format!("fgq-{pid}-{k}");
+        let outside = format!("fgq{}v{k}", pid % 100_000);
+        let net = PrivateNet {
+            ns: ns.clone(),
+            outside: outside.clone(),
+            gateway_ip: format!("10.43.{n}.1"),
+        };
+        ip(&["netns", "add", &ns]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&["-n", &ns, "link", "add", "private", "type", "bridge"]);
+        ip(&["-n", &ns, "addr", "add", "10.42.0.1/24", "dev", "private"]);
+        ip(&["-n", &ns, "link", "set", "private", "up"]);
+        ip(&[
+            "link", "add", &outside, "type", "veth", "peer", "name", "uplink", "netns", &ns,
+        ]);
+        ip(&["addr", "add", &format!("10.43.{n}.2/24"), "dev", &outside]);
+        ip(&["link", "set", &outside, "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("10.43.{n}.1/24"),
+            "dev",
+            "uplink",
+        ]);
+        ip(&["-n", &ns, "link", "set", "uplink", "up"]);
+        net
+    }
+}
+
+impl Drop for PrivateNet {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.outside])
+            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
 pub struct Gateway {
+    pub private_net: Option<PrivateNet>,
     pub dir: tempfile::TempDir,
     pub farm: SimFarm,
     pub api_port: u16,
@@ -99,6 +181,38 @@ pub struct Gateway {
 
 pub fn mac(port: u32) -> String {
     farmgate_testkit::mac_of(port)
+}
+
+/// MAC of the QEMU machine on port `port` of the `qemu` PDU.
+pub fn qemu_mac(port: u32) -> String {
+    format!("52:54:00:11:22:{:02x}", port)
+}
+
+/// The workspace's `farmgate-mkinitramfs`, built beside farmgate.
+pub fn mkinitramfs_exe() -> PathBuf {
+    let p = farmgate_exe().with_file_name("farmgate-mkinitramfs");
+    assert!(
+        p.exists(),
+        "{} is missing: build the whole workspace (cargo build --bins) before these tests",
+        p.display()
+    );
+    p
+}
+
+/// Builds the test kernel + initramfs into `dir` (`vmlinuz`, `initramfs.cpio.gz`).
+pub fn build_initramfs(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("initramfs dir");
+    let out = Command::new(mkinitramfs_exe())
+        .arg("--out")
+        .arg(dir)
+        .output()
+        .expect("farmgate-mkinitramfs runs");
+    assert!(
+        out.status.success(),
+        "farmgate-mkinitramfs failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Gateway {
@@ -150,6 +264,46 @@ impl Gateway {
                 },
             );
         }
+        let tcpconsole_port = free_port();
+        let private_net = opts.private_net.then(PrivateNet::create);
+        if opts.qemu_ports > 0 {
+            build_initramfs(&dir.path().join("tftp"));
+            let mut config = BTreeMap::new();
+            let mut set = |k: &str, v: String| {
+                config.insert(k.to_string(), serde_yaml_ng::Value::String(v));
+            };
+            set("ports", opts.qemu_ports.to_string());
+            set("console", format!("127.0.0.1:{tcpconsole_port}"));
+            set("state_dir", dir.path().join("qemu").display().to_string());
+            set("memory", "384".into());
+            if private_net.is_some() {
+                set("network", "tap".into());
+                set("bridge", "private".into());
+            }
+            mars.pdus.insert(
+                "QEMU".into(),
+                PduRecord {
+                    driver: "qemu".into(),
+                    config,
+                    reserved_port_ids: vec![],
+                },
+            );
+            for (port, (tags, ready)) in &opts.qemu_duts {
+                mars.duts.insert(
+                    qemu_mac(*port),
+                    DutRecord {
+                        base_name: Some("qemu".into()),
+                        tags: tags.clone(),
+                        pdu: Some("QEMU".into()),
+                        pdu_port_id: Some(port.to_string()),
+                        pdu_off_delay: 0.5,
+                        ready_for_service: *ready,
+                        local_tty_device: Some("ttyS0".into()),
+                        ..DutRecord::default()
+                    },
+                );
+            }
+        }
         let mars_path = dir.path().join("mars_db.yaml");
         std::fs::write(&mars_path, serde_yaml_ng::to_string(&mars).expect("yaml"))
             .expect("write mars");
@@ -163,6 +317,7 @@ impl Gateway {
                 format!("http://127.0.0.1:{api_port}"),
             ),
             ("SALAD_PORT".into(), salad_port.to_string()),
+            ("SALAD_TCPCONSOLE_PORT".into(), tcpconsole_port.to_string()),
             ("SALAD_URL".into(), format!("http://127.0.0.1:{salad_port}")),
             (
                 "SALAD_SERIAL_PORTS".into(),
@@ -198,11 +353,42 @@ impl Gateway {
                 dir.path().join("tftp").display().to_string(),
             ),
         ];
+        if opts.qemu_ports > 0 {
+            // How QEMU machines (user-mode network, host = 10.42.0.1) reach the gateway.
+            // Their default boot configuration: the test initramfs in registration mode.
+            let base = format!("http://10.42.0.1:{api_port}");
+            for (k, v) in [
+                ("EXECUTOR_URL", base.clone()),
+                ("BOOTS_DEFAULT_KERNEL", format!("{base}/boot/vmlinuz")),
+                (
+                    "BOOTS_DEFAULT_INITRD",
+                    format!("{base}/boot/initramfs.cpio.gz"),
+                ),
+                (
+                    "BOOTS_DEFAULT_CMDLINE",
+                    format!("console=ttyS0 panic=-1 farmgate.register={base}"),
+                ),
+            ] {
+                env.retain(|(ek, _)| ek != k);
+                env.push((k.into(), v));
+            }
+        }
+        if private_net.is_some() {
+            for (k, v) in [
+                ("EXECUTOR_HOST", "0.0.0.0".to_string()),
+                ("PRIVATE_INTERFACE", "private".to_string()),
+                ("BOOTS_TFTP_PORT", "69".to_string()),
+            ] {
+                env.retain(|(ek, _)| ek != k);
+                env.push((k.into(), v));
+            }
+        }
         for (k, v) in &opts.env {
             env.retain(|(ek, _)| ek != k);
             env.push((k.clone(), v.clone()));
         }
         let mut gw = Gateway {
+            private_net,
             dir,
             farm,
             api_port,
@@ -217,7 +403,11 @@ impl Gateway {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.api_port)
+        let host = self
+            .private_net
+            .as_ref()
+            .map_or("127.0.0.1", |n| n.gateway_ip.as_str());
+        format!("http://{host}:{}", self.api_port)
     }
 
     pub fn daemon_log(&self) -> PathBuf {
@@ -234,7 +424,15 @@ impl Gateway {
             .append(true)
             .open(self.daemon_log())
             .expect("daemon log");
-        let child = Command::new(farmgate_exe())
+        let mut cmd = match &self.private_net {
+            None => Command::new(farmgate_exe()),
+            Some(net) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &net.ns]).arg(farmgate_exe());
+                c
+            }
+        };
+        let child = cmd
             .arg("serve")
             .envs(self.env.iter().cloned())
             .stdin(Stdio::null())
@@ -364,11 +562,22 @@ impl Gateway {
         limit: Duration,
         check: impl Fn(&DutView) -> bool,
     ) -> DutView {
+        self.wait_dut_id(&mac(port), what, limit, check).await
+    }
+
+    /// [`Gateway::wait_dut`] by machine id.
+    pub async fn wait_dut_id(
+        &self,
+        id: &str,
+        what: &str,
+        limit: Duration,
+        check: impl Fn(&DutView) -> bool,
+    ) -> DutView {
         let deadline = Instant::now() + limit;
         loop {
             let r = self
                 .http
-                .get(format!("{}/api/v1/dut/{}", self.url(), mac(port)))
+                .get(format!("{}/api/v1/dut/{}", self.url(), id))
                 .send()
                 .await
                 .expect("GET dut");
@@ -384,7 +593,7 @@ impl Gateway {
             assert!(
                 Instant::now() < deadline,
                 "DUT {} never was {what}; last seen: {last}\n{}",
-                mac(port),
+                id,
                 self.logs()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -398,13 +607,38 @@ impl Gateway {
 
     pub async fn stop(mut self) {
         self.kill_daemon();
+        self.kill_qemus();
         self.farm.shutdown().await;
+    }
+}
+
+impl Gateway {
+    /// Kill every QEMU machine this test started (they are daemons, like powered machines).
+    pub fn kill_qemus(&self) {
+        let dir = self.dir.path().join("qemu");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "pid")
+                && let Ok(pid) = std::fs::read_to_string(e.path())
+                && let Ok(pid) = pid.trim().parse::<i32>()
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(path_str(&e.path())))
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.kill_daemon();
+        self.kill_qemus();
     }
 }
 

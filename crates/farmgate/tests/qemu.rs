@@ -1,0 +1,271 @@
+//! End-to-end tests on real (virtual) machines: QEMU DUTs behind the `qemu` PDU driver
+//! netboot through their NIC's iPXE ROM, fetch their boot script, kernel and initramfs
+//! from the gateway over HTTP, and print on a serial port that connects to SALAD's
+//! network console port. Nothing here is simulated: the kernel is the host's Debian
+//! kernel, the initramfs is built by `farmgate-mkinitramfs`.
+//!
+//! QEMU runs with TCG (software emulation), so each boot takes seconds.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use farmgate_wire::{DutState, JobStatus};
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+fn code(s: JobStatus) -> Option<i32> {
+    Some(s.exit_code())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_dut_netboots_and_the_job_passes_on_its_pattern() {
+    let gw = Gateway::start(GatewayOptions::default().qemu_dut(0, &["qemu"], true)).await;
+    let job =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-job.yml.j2");
+    let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Pass), "{}\n{}", r.all(), gw.logs());
+    // The console was relayed from the kernel's first lines (bound by its command line)
+    // to the init's output, and the job ended on the kernel's power-off line.
+    for expected in [
+        "Linux version",
+        "SALAD.machine_id=52:54:00:11:22:00",
+        "Hello from 52:54:00:11:22:00",
+        "JOB RESULT: 42",
+        "reboot: Power down",
+    ] {
+        assert!(
+            r.stdout.contains(expected),
+            "no {expected:?} in:\n{}",
+            r.all()
+        );
+    }
+    assert!(r.stderr.contains("finished: PASS"), "{}", r.all());
+    // The console is kept with the job, every line timestamped.
+    let id = r
+        .stderr
+        .split_whitespace()
+        .find(|w| w.starts_with("job-"))
+        .expect("job id in farmctl's messages")
+        .to_string();
+    let log = gw
+        .http
+        .get(format!("{}/api/v1/job/{id}/console.log", gw.url()))
+        .send()
+        .await
+        .expect("GET console.log")
+        .text()
+        .await
+        .expect("text");
+    let line = log
+        .lines()
+        .find(|l| l.ends_with("JOB RESULT: 42"))
+        .unwrap_or_else(|| panic!("no result line in:\n{log}"));
+    assert!(
+        line.starts_with("[20") && line.contains("] JOB RESULT"),
+        "{line}"
+    );
+    assert!(log.contains("] [farmgate] Boot 1: power cycling"), "{log}");
+    let d = gw.wait_state(0, DutState::Idle, LIMIT).await;
+    assert!(d.current_job.is_none());
+    // The machine was powered off at teardown: its QEMU is gone.
+    let pdu: serde_json::Value = gw
+        .http
+        .get(format!("{}/api/v1/pdu/QEMU/port/0", gw.url()))
+        .send()
+        .await
+        .expect("GET port")
+        .json()
+        .await
+        .expect("port json");
+    assert_eq!(pdu["state"], "off", "{pdu}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_kernel_panic_uses_the_boot_cycle_retry_then_ends_incomplete() {
+    let gw = Gateway::start(GatewayOptions::default().qemu_dut(0, &["qemu"], true)).await;
+    let job = gw.write_job(
+        "panic.yml.j2",
+        r#"version: 1
+target:
+  tags: [qemu]
+timeouts:
+  boot_cycle:
+    minutes: 3
+    retries: 1
+console_patterns:
+  session_end:
+    regex: "reboot: Power down"
+  session_reboot:
+    regex: "Kernel panic - not syncing"
+  job_success:
+    regex: "JOB RESULT: 42"
+deployment:
+  start:
+    kernel:
+      url: "{{ job.http.url }}/boot/vmlinuz"
+      cmdline: 'console=ttyS0 panic=0 farmgate.run="echo triggering a crash; echo c > /proc/sysrq-trigger"'
+    initramfs:
+      - url: "{{ job.http.url }}/boot/initramfs.cpio.gz"
+"#,
+    );
+    let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
+    assert_eq!(
+        r.code,
+        code(JobStatus::Incomplete),
+        "{}\n{}",
+        r.all(),
+        gw.logs()
+    );
+    let panics = r.stdout.matches("Kernel panic - not syncing").count();
+    assert_eq!(panics, 2, "one boot and one retry expected:\n{}", r.all());
+    assert!(
+        r.stderr.contains("session_reboot"),
+        "the reason is reported:\n{}",
+        r.all()
+    );
+    gw.stop().await;
+}
+
+/// The path of a physical DUT: no QEMU user-mode network. The gateway runs in a network
+/// namespace with a bridge `private` (PRIVATE_INTERFACE); the QEMU machine's NIC is a tap
+/// on that bridge. Its iPXE ROM gets an address and the boot script URL from the
+/// gateway's own DHCP server, and the booted kernel's DHCP client gets its address there
+/// too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_dut_on_a_tap_gets_address_and_boot_file_from_the_gateway_dhcp() {
+    let gw = Gateway::start(
+        GatewayOptions {
+            private_net: true,
+            ..GatewayOptions::default()
+        }
+        .qemu_dut(0, &["qemu"], true),
+    )
+    .await;
+    std::fs::write(
+        gw.dir.path().join("tftp/hello.txt"),
+        "job storage over HTTP works\n",
+    )
+    .expect("write a boot file");
+    let job = gw.write_job(
+        "tap.yml.j2",
+        r#"version: 1
+target:
+  tags: [qemu]
+timeouts:
+  boot_cycle:
+    minutes: 4
+console_patterns:
+  session_end:
+    regex: "reboot: Power down"
+  job_success:
+    regex: "JOB RESULT: 42"
+deployment:
+  start:
+    kernel:
+      url: "{{ job.http.url }}/boot/vmlinuz"
+      cmdline: 'console=ttyS0 panic=-1 farmgate.net farmgate.run="ip -4 addr show dev eth0; wget -q -O - {{ job.http.url }}/api/v1/dut/{{ machine_id }}/storage/notes/hello.txt; tftp -g -r cfg/greeting -l /tmp/g 10.42.0.1; cat /tmp/g; echo JOB RESULT: $((40+2))"'
+    initramfs:
+      - url: "{{ job.http.url }}/boot/initramfs.cpio.gz"
+    storage:
+      http:
+        - path: 'notes/(.*)\.txt'
+          url: '{{ job.http.url }}/boot/\1.txt'
+      tftp:
+        - path: cfg/greeting
+          data: "job storage over TFTP works"
+"#,
+    );
+    let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;
+    assert_eq!(r.code, code(JobStatus::Pass), "{}\n{}", r.all(), gw.logs());
+    // iPXE asked the gateway's DHCP (the firmware boot is complete there), then the
+    // kernel's own DHCP client got an address of the private network from it.
+    assert!(
+        r.stderr
+            .contains("firmware boot complete: DHCP request from iPXE (address 10.42.0."),
+        "{}",
+        r.all()
+    );
+    assert!(
+        r.stderr
+            .contains("DHCP request from the DUT's OS (address 10.42.0."),
+        "{}",
+        r.all()
+    );
+    assert!(r.stdout.contains("inet 10.42.0."), "{}", r.all());
+    // The job's storage reached the DUT: over HTTP (a regex path whose group picks the
+    // URL the gateway fetches for it) and over TFTP (inline data, for that DUT only).
+    assert!(
+        r.stdout.contains("job storage over HTTP works"),
+        "{}",
+        r.all()
+    );
+    assert!(
+        r.stdout.contains("job storage over TFTP works"),
+        "{}",
+        r.all()
+    );
+    gw.stop().await;
+}
+
+/// CI-tron's enrolment on a real machine: a blank port of the QEMU PDU is discovered;
+/// the machine netboots the farm's default configuration (the test initramfs in
+/// registration mode), finds the gateway over its own network, prints
+/// `SALAD.machine_id=` and POSTs its registration; it is bound to that PDU port, trained
+/// by Sergeant Hartman, then serves a job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_blank_port_is_discovered_registers_trains_and_serves() {
+    let opts = GatewayOptions {
+        qemu_ports: 2,
+        ..GatewayOptions::default()
+    };
+    // The harness's default boot configuration for QEMU farms is the test initramfs
+    // with `farmgate.register=<gateway>`.
+    let gw = Gateway::start(
+        opts.env("SERGENT_HARTMAN_BOOT_COUNT", "1")
+            .env("SERGENT_HARTMAN_QUALIFYING_BOOT_COUNT", "1")
+            .env("FARMGATE_DEFAULT_PDU_OFF_DELAY", "0.5"),
+    )
+    .await;
+    let r = gw
+        .http
+        .post(format!("{}/api/v1/dut/discover", gw.url()))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"pdu": "QEMU", "port_id": 1, "timeout": 240}))
+        .send()
+        .await
+        .expect("POST discover");
+    assert!(r.status().is_success(), "{:?}", r.text().await);
+    let id = qemu_mac(1);
+
+    let view = gw
+        .wait_dut_id(&id, "IDLE", LIMIT, |d| d.state == DutState::Idle)
+        .await;
+    assert_eq!(view.record.pdu.as_deref(), Some("QEMU"));
+    assert_eq!(view.record.pdu_port_id.as_deref(), Some("1"));
+    assert_eq!(view.record.base_name.as_deref(), Some("qemu"));
+    assert!(
+        view.record
+            .ip_address
+            .as_deref()
+            .is_some_and(|a| a.starts_with("10.42.0.")),
+        "{view:?}"
+    );
+    assert!(
+        view.record.tags.iter().any(|t| t == "virtio:family:VIRTIO"),
+        "{view:?}"
+    );
+    let job =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-job.yml.j2");
+    // The job targets tag `qemu`, which the registration did not give: `-t` overrides.
+    let r = gw
+        .farmctl_run(
+            &["run", "-t", "virtio:family:VIRTIO", path_str(&job)],
+            LIMIT,
+        )
+        .await;
+    assert_eq!(r.code, code(JobStatus::Pass), "{}\n{}", r.all(), gw.logs());
+    gw.stop().await;
+}
