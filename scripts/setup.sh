@@ -10,7 +10,7 @@ set -euo pipefail
 
 need_apt=()
 for pkg in gcc pkg-config curl python3 iproute2 \
-    qemu-system-x86 ipxe-qemu busybox-static linux-image-amd64 \
+    qemu-system-x86 ipxe-qemu ipxe busybox-static linux-image-amd64 \
     udhcpc isc-dhcp-client tftp-hpa dnsmasq-base ser2net; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done

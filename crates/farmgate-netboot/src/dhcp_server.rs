@@ -685,6 +685,30 @@ impl DhcpServer {
     }
 }
 
+/// The server's decisions for a sequence of datagrams, without sockets: each datagram
+/// is parsed and answered as [`DhcpServer::serve`] would, against one lease table
+/// (fresh, no leases file; time advances one second per datagram). Returns, per
+/// datagram, the encoded reply and its destination, or `None` when it is dropped.
+/// For the fuzz target of the request handling and for tests.
+pub fn answer_sequence(
+    cfg: &DhcpServerConfig,
+    datagrams: &[&[u8]],
+) -> Vec<Option<(Vec<u8>, Ipv4Addr)>> {
+    let mut cfg = cfg.clone();
+    cfg.leases_file = None;
+    let mut leases = Leases::new(&cfg);
+    let start = unix_now();
+    datagrams
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let msg = dhcp::parse(d).ok()?;
+            let outcome = handle(&cfg, &mut leases, &msg, start + i as u64).ok()?;
+            outcome.reply.map(|(m, dest)| (m.encode(), dest))
+        })
+        .collect()
+}
+
 /// Decides the answer to `msg`. `Err` says why the message is dropped as invalid.
 fn handle(
     cfg: &DhcpServerConfig,

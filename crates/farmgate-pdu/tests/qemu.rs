@@ -64,9 +64,28 @@ async fn ports_are_numbers_below_the_count() {
     }
 }
 
+/// Kills the QEMU of port 0 if a failed assertion left it running (it is a daemon).
+struct KillOnDrop(std::path::PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.0.join("port-0.pid"))
+            && let Ok(pid) = pid.trim().parse::<i32>()
+            && std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("port-0.pid"))
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_port_switched_on_is_a_running_qemu_until_switched_off() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _guard = KillOnDrop(dir.path().to_path_buf());
     // SALAD's network console port, as far as QEMU is concerned.
     let console = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -122,6 +141,7 @@ async fn a_qemu_that_cannot_start_is_an_error_with_its_message() {
         YamlValue::Sequence(vec![YamlValue::String("-no-such-option".into())]),
     );
     let d = driver_for("VM", &rec).expect("driver");
+    let _guard = KillOnDrop(dir.path().to_path_buf());
     let e = d.set("0", PortState::On).await.expect_err("cannot start");
     let msg = e.to_string();
     assert!(msg.contains("cannot switch port 0 on"), "{msg}");

@@ -145,6 +145,24 @@ fn admin_token(config: &GatewayConfig) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// The iPXE binaries the DHCP server names for PXE firmware (`undionly.kpxe` for BIOS,
+/// `ipxe.efi` for x86-64 EFI), copied into the TFTP root from Debian's `ipxe` package
+/// when the root has none: an admin with real hardware needs nothing more. Files
+/// already in the root are the admin's and are left alone.
+fn provide_ipxe_binaries(root: &std::path::Path) {
+    for name in ["undionly.kpxe", "ipxe.efi"] {
+        let dest = root.join(name);
+        let src = std::path::Path::new("/usr/lib/ipxe").join(name);
+        if dest.exists() || !src.exists() {
+            continue;
+        }
+        match std::fs::copy(&src, &dest) {
+            Ok(_) => tracing::info!("TFTP root: added {name} from {}", src.display()),
+            Err(e) => tracing::warn!("TFTP root: cannot copy {}: {e}", src.display()),
+        }
+    }
+}
+
 /// Largest `storage.tftp` file fetched from a URL for a DUT (TFTP transfers are slow;
 /// big files belong in `storage.http`).
 const MAX_TFTP_STORAGE: u64 = 256 << 20;
@@ -257,6 +275,7 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
                 config.boots_tftp_root.display()
             )
         })?;
+        provide_ipxe_binaries(&config.boots_tftp_root);
         let addr = std::net::SocketAddr::new(config.executor_host, config.boots_tftp_port);
         let server = farmgate_netboot::TftpServer::bind(addr, config.boots_tftp_root.clone())
             .map_err(|e| {

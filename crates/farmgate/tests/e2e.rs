@@ -772,5 +772,13 @@ async fn tftp_serves_the_boot_root_and_nothing_outside_it() {
     );
     let (ok, _) = fetch("missing.efi");
     assert!(!ok, "a missing file is an error");
+    // PXE firmware's iPXE comes from Debian's ipxe package (scripts/setup.sh installs
+    // it), copied into the root at start.
+    let (ok, body) = fetch("undionly.kpxe");
+    assert!(ok, "undionly.kpxe is served");
+    assert_eq!(
+        body,
+        std::fs::read("/usr/lib/ipxe/undionly.kpxe").expect("Debian's ipxe package")
+    );
     gw.stop().await;
 }
