@@ -59,6 +59,9 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // Before anything is announced: a SIGTERM right after the address is printed must
+    // stop the farm cleanly, not kill it with the default action.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let behaviours: BTreeMap<u32, Behaviour> = args.behaviours.into_iter().collect();
     let farm = SimFarm::start(SimFarmConfig {
         listen: args.listen,
@@ -76,7 +79,6 @@ async fn main() -> anyhow::Result<()> {
         args.ports,
         args.tty_dir.display()
     );
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
         _ = term.recv() => {}
