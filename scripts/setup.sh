@@ -5,13 +5,14 @@
 # Besides the build tools: QEMU and its iPXE ROMs (the virtual DUTs), a Debian kernel
 # and busybox (farmgate-mkinitramfs builds the DUTs' initramfs from them), and the real
 # clients and peers the tests and benchmarks talk to (DHCP and TFTP clients, dnsmasq,
-# ser2net).
+# ser2net) and the S3 and registry clients (s3cmd, boto3, aws-cli, skopeo, docker-registry).
 set -euo pipefail
 
 need_apt=()
 for pkg in gcc pkg-config curl python3 iproute2 \
     qemu-system-x86 ipxe-qemu ipxe busybox-static linux-image-amd64 \
-    udhcpc isc-dhcp-client tftp-hpa dnsmasq-base ser2net; do
+    udhcpc isc-dhcp-client tftp-hpa dnsmasq-base ser2net python3-boto3 s3cmd \
+    skopeo docker-registry; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -20,6 +21,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+
+# S3 clients of the object store's tests: aws-cli and boto3 for the python3 on PATH.
+if ! python3 -c "import boto3, awscli" >/dev/null 2>&1 || ! command -v aws >/dev/null 2>&1; then
+    echo "setup: installing aws-cli and boto3 (PyPI)"
+    python3 -m pip install --quiet awscli boto3
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

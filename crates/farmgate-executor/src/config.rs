@@ -108,6 +108,140 @@ pub struct GatewayConfig {
     pub runner_exe: Option<PathBuf>,
     /// `EXECUTOR_JOB__*` variables, lower-cased without the prefix, for job templates.
     pub job_env: BTreeMap<String, String>,
+    /// Storage and caches (issue 4): see [`StorageConfig`].
+    pub storage: StorageConfig,
+}
+
+/// The object store, the artifact cache and the registry cache.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    /// `FARMGATE_S3_PORT`: port of the embedded S3 endpoint (default 9000, MinIO's; 0: none).
+    pub s3_port: u16,
+    /// `FARMGATE_S3_DIR`: its data (default `<state>/s3`).
+    pub s3_dir: PathBuf,
+    /// `FARMGATE_S3_URL`: the S3 URL as DUTs reach it (`minio_url` in jobs; default
+    /// `EXECUTOR_URL`'s host on `FARMGATE_S3_PORT`).
+    pub s3_url: String,
+    /// `MINIO_ROOT_USER` / `MINIO_ROOT_PASSWORD` (MinIO's names): admin credentials of
+    /// the S3 endpoint (default: generated into the state dir).
+    pub s3_admin: Option<(String, String)>,
+    /// `FARMGATE_CACHE_DIR`: the artifact cache (default `<state>/cache`).
+    pub cache_dir: PathBuf,
+    /// `FARMGATE_CACHE_MAX_SIZE`: its size bound in bytes, `K`/`M`/`G`/`T` suffixes
+    /// allowed (default 20G).
+    pub cache_max_bytes: u64,
+    /// `FARMGATE_CACHE_TTL`: seconds before a cached artifact is checked again
+    /// (default 86400).
+    pub cache_ttl: Duration,
+    /// `FARMGATE_CACHE_ALLOW_HOSTS`: comma-separated hosts (`*.suffix` allowed) the cache
+    /// may fetch from (default: any).
+    pub cache_allow_hosts: Option<Vec<String>>,
+    /// `FARMGATE_REGISTRY_PORT`: port of the OCI registry cache (default 8002; 0: none).
+    pub registry_port: u16,
+    /// `FARMGATE_REGISTRY_DIR`: its data (default `<state>/registry`).
+    pub registry_dir: PathBuf,
+    /// `FARMGATE_REGISTRY_UPSTREAMS`: `prefix=url` pairs, comma-separated (default
+    /// docker.io, quay.io, ghcr.io, registry.freedesktop.org).
+    pub registry_upstreams: Vec<(String, String)>,
+    /// `FARMGATE_REGISTRY_TAG_TTL`: seconds a tag is trusted before it is checked
+    /// upstream again (default 300).
+    pub registry_tag_ttl: Duration,
+}
+
+/// Default upstreams of the registry cache.
+pub const DEFAULT_REGISTRY_UPSTREAMS: &str = "docker.io=https://registry-1.docker.io,quay.io=https://quay.io,ghcr.io=https://ghcr.io,registry.freedesktop.org=https://registry.freedesktop.org";
+
+/// A size with an optional `K`, `M`, `G` or `T` suffix (powers of 1024).
+fn parse_size(name: &str, v: &str) -> Result<u64, ConfigError> {
+    let t = v.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        Some('T') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| invalid(name, v, "expected a size in bytes, e.g. 500M or 20G"))
+}
+
+impl StorageConfig {
+    fn from_env(
+        env: &BTreeMap<String, String>,
+        state_dir: &std::path::Path,
+        executor_url: &str,
+    ) -> Result<StorageConfig, ConfigError> {
+        let get = |name: &str| env.get(name).filter(|v| !v.is_empty()).cloned();
+        let s3_port = parse_or(env, "FARMGATE_S3_PORT", 9000)?;
+        let host = executor_url
+            .split("://")
+            .nth(1)
+            .unwrap_or(executor_url)
+            .split(['/', ':'])
+            .next()
+            .unwrap_or("ci-gateway")
+            .to_string();
+        let s3_admin = match (get("MINIO_ROOT_USER"), get("MINIO_ROOT_PASSWORD")) {
+            (Some(u), Some(p)) => Some((u, p)),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "MINIO_ROOT_USER",
+                    "",
+                    "MINIO_ROOT_USER and MINIO_ROOT_PASSWORD go together",
+                ));
+            }
+        };
+        let registry_upstreams = get("FARMGATE_REGISTRY_UPSTREAMS")
+            .unwrap_or_else(|| DEFAULT_REGISTRY_UPSTREAMS.into())
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|pair| match pair.split_once('=') {
+                Some((prefix, url))
+                    if !prefix.trim().is_empty()
+                        && (url.starts_with("http://") || url.starts_with("https://")) =>
+                {
+                    Ok((prefix.trim().to_string(), url.trim().to_string()))
+                }
+                _ => Err(invalid(
+                    "FARMGATE_REGISTRY_UPSTREAMS",
+                    pair,
+                    "expected prefix=http(s)://url pairs, comma-separated",
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(StorageConfig {
+            s3_port,
+            s3_dir: get("FARMGATE_S3_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| state_dir.join("s3")),
+            s3_url: get("FARMGATE_S3_URL").unwrap_or_else(|| format!("http://{host}:{s3_port}")),
+            s3_admin,
+            cache_dir: get("FARMGATE_CACHE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| state_dir.join("cache")),
+            cache_max_bytes: match get("FARMGATE_CACHE_MAX_SIZE") {
+                Some(v) => parse_size("FARMGATE_CACHE_MAX_SIZE", &v)?,
+                None => 20 << 30,
+            },
+            cache_ttl: Duration::from_secs(parse_or(env, "FARMGATE_CACHE_TTL", 86_400)?),
+            cache_allow_hosts: get("FARMGATE_CACHE_ALLOW_HOSTS").map(|v| {
+                v.split(',')
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+                    .collect()
+            }),
+            registry_port: parse_or(env, "FARMGATE_REGISTRY_PORT", 8002)?,
+            registry_dir: get("FARMGATE_REGISTRY_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| state_dir.join("registry")),
+            registry_upstreams,
+            registry_tag_ttl: Duration::from_secs(parse_or(env, "FARMGATE_REGISTRY_TAG_TTL", 300)?),
+        })
+    }
 }
 
 /// Default of `BOOTS_DEFAULT_CMDLINE`, as seed 001 gives it.
@@ -156,17 +290,20 @@ impl GatewayConfig {
                 )
             })?;
         }
+        let state_dir: PathBuf = get("FARMGATE_STATE_DIR")
+            .unwrap_or_else(|| "/var/lib/farmgate".into())
+            .into();
+        let executor_url = get("EXECUTOR_URL").unwrap_or_else(|| "http://ci-gateway".into());
+        let storage = StorageConfig::from_env(env, &state_dir, &executor_url)?;
         Ok(GatewayConfig {
             farm_name,
             executor_host: parse_or(env, "EXECUTOR_HOST", "0.0.0.0".parse().expect("valid"))?,
             executor_port: parse_or(env, "EXECUTOR_PORT", 80)?,
-            executor_url: get("EXECUTOR_URL").unwrap_or_else(|| "http://ci-gateway".into()),
+            executor_url,
             mars_db_file: get("MARS_DB_FILE")
                 .unwrap_or_else(|| "/config/mars_db.yaml".into())
                 .into(),
-            state_dir: get("FARMGATE_STATE_DIR")
-                .unwrap_or_else(|| "/var/lib/farmgate".into())
-                .into(),
+            state_dir,
             boots_tftp_root: get("BOOTS_TFTP_ROOT")
                 .unwrap_or_else(|| "/cache/boots/tftp".into())
                 .into(),
@@ -212,6 +349,7 @@ impl GatewayConfig {
             submit_token: secret(env, "FARMGATE_SUBMIT_TOKEN")?,
             runner_exe: get("FARMGATE_RUNNER_EXE").map(PathBuf::from),
             job_env,
+            storage,
         })
     }
 
@@ -464,5 +602,40 @@ mod tests {
         ]))
         .expect("valid");
         assert_eq!(c.admin_token.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn storage_defaults_and_errors() {
+        let c = GatewayConfig::from_env(&env(&[
+            ("FARM_NAME", "f"),
+            ("EXECUTOR_URL", "http://10.42.0.1:8000"),
+            ("FARMGATE_STATE_DIR", "/srv/fg"),
+        ]))
+        .expect("valid");
+        assert_eq!(c.storage.s3_url, "http://10.42.0.1:9000");
+        assert_eq!(c.storage.s3_dir, PathBuf::from("/srv/fg/s3"));
+        assert_eq!(c.storage.cache_max_bytes, 20 << 30);
+        assert_eq!(c.storage.registry_port, 8002);
+        assert_eq!(c.storage.registry_upstreams[0].0, "docker.io");
+        let c = GatewayConfig::from_env(&env(&[
+            ("FARM_NAME", "f"),
+            ("FARMGATE_CACHE_MAX_SIZE", "512M"),
+            ("FARMGATE_REGISTRY_UPSTREAMS", "local=http://127.0.0.1:5000"),
+        ]))
+        .expect("valid");
+        assert_eq!(c.storage.cache_max_bytes, 512 << 20);
+        assert_eq!(
+            c.storage.registry_upstreams,
+            vec![("local".to_string(), "http://127.0.0.1:5000".to_string())]
+        );
+        for (k, v) in [
+            ("FARMGATE_CACHE_MAX_SIZE", "lots"),
+            ("FARMGATE_REGISTRY_UPSTREAMS", "docker.io"),
+            ("MINIO_ROOT_USER", "admin"),
+        ] {
+            let e = GatewayConfig::from_env(&env(&[("FARM_NAME", "f"), (k, v)]))
+                .expect_err("must fail");
+            assert!(e.to_string().contains(k), "{k}: {e}");
+        }
     }
 }

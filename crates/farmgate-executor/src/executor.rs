@@ -105,6 +105,19 @@ struct Inner {
     finished_tx: mpsc::UnboundedSender<String>,
     bootloop_template: String,
     mars_watcher: Mutex<Option<farmgate_store::MarsWatcher>>,
+    /// Where user jobs get their share bucket and key (none: no object store).
+    job_storage: Option<Arc<dyn crate::jobspace::JobStorage>>,
+}
+
+/// What the store remembers of a job's share space, to remove it when the job is over.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct JobSpace {
+    bucket: String,
+    access_key: String,
+}
+
+fn jobspace_key(job_id: &str) -> String {
+    format!("jobspace:{job_id}")
 }
 
 /// The executor service; cheap to clone.
@@ -136,6 +149,16 @@ impl Executor {
         config: GatewayConfig,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Executor> {
+        Self::start_with_storage(config, shutdown, None).await
+    }
+
+    /// [`Executor::start`], with an object store where every user job gets a bucket and
+    /// a key restricted to it (see [`crate::jobspace`]).
+    pub async fn start_with_storage(
+        config: GatewayConfig,
+        shutdown: CancellationToken,
+        job_storage: Option<Arc<dyn crate::jobspace::JobStorage>>,
+    ) -> anyhow::Result<Executor> {
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", config.state_dir.display()))?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_path())?);
@@ -159,6 +182,7 @@ impl Executor {
             wake: Notify::new(),
             finished_tx,
             bootloop_template,
+            job_storage,
             mars_watcher: Mutex::new(None),
         });
         let exec = Executor { inner };
@@ -595,6 +619,18 @@ impl Executor {
 
     /// Render the job for the DUT, record the assignment and start the runner.
     fn assign(&self, s: &mut Sched, mars: &MarsDb, job_id: &str, dut_id: &str) {
+        self.try_assign(s, mars, job_id, dut_id);
+        // A job that did not get its DUT does not keep a share space.
+        let assigned = s
+            .duts
+            .get(dut_id)
+            .is_some_and(|rt| rt.current_job.as_deref() == Some(job_id));
+        if !assigned {
+            self.remove_job_space(job_id);
+        }
+    }
+
+    fn try_assign(&self, s: &mut Sched, mars: &MarsDb, job_id: &str, dut_id: &str) {
         let store = &self.inner.store;
         let row = match store.get_job(job_id) {
             Ok(Some(row)) => row,
@@ -608,7 +644,38 @@ impl Executor {
             return;
         };
         let metadata: JobMetadata = serde_json::from_str(&row.metadata_json).unwrap_or_default();
-        let ctx = self.render_context(dut_id, &record, &metadata);
+        let mut ctx = self.render_context(dut_id, &record, &metadata);
+        if row.kind == JobKind::User
+            && let Some(storage) = &self.inner.job_storage
+        {
+            let bucket = crate::jobspace::bucket_name(dut_id, job_id);
+            match storage.create_space(&bucket) {
+                Ok((access_key, secret_key)) => {
+                    let space = JobSpace {
+                        bucket: bucket.clone(),
+                        access_key: access_key.clone(),
+                    };
+                    let _ = store.kv_set(
+                        &jobspace_key(job_id),
+                        serde_json::to_string(&space).ok().as_deref(),
+                    );
+                    ctx = ctx.job_bucket(&farmgate_job::JobBucket {
+                        url: storage.url_for_duts(),
+                        name: bucket,
+                        access_key,
+                        secret_key,
+                    });
+                }
+                Err(e) => {
+                    let _ = store.finish_job(
+                        job_id,
+                        JobStatus::SetupFail,
+                        &format!("cannot create the job's bucket {bucket}: {e}"),
+                    );
+                    return;
+                }
+            }
+        }
         let rendered = match farmgate_job::render_and_parse(&row.template, &ctx) {
             Ok((text, _job)) => text,
             Err(e) => {
@@ -784,6 +851,38 @@ impl Executor {
     }
 
     /// A job of a DUT is finished in the store: move the DUT on.
+    /// Removes the job's bucket and key, if it has them (in the background: deleting a
+    /// bucket walks its files).
+    fn remove_job_space(&self, job_id: &str) {
+        let key = jobspace_key(job_id);
+        let Some(space) = self
+            .inner
+            .store
+            .kv_get(&key)
+            .ok()
+            .flatten()
+            .and_then(|j| serde_json::from_str::<JobSpace>(&j).ok())
+        else {
+            return;
+        };
+        let Some(storage) = self.inner.job_storage.clone() else {
+            return;
+        };
+        let store = self.inner.store.clone();
+        let job_id = job_id.to_string();
+        tokio::task::spawn_blocking(move || {
+            match storage.remove_space(&space.bucket, &space.access_key) {
+                Ok(()) => {
+                    tracing::info!(job_id, bucket = %space.bucket, "job bucket and key removed");
+                    let _ = store.kv_set(&key, None);
+                }
+                Err(e) => {
+                    tracing::warn!(job_id, bucket = %space.bucket, "cannot remove the job's bucket: {e}")
+                }
+            }
+        });
+    }
+
     fn job_over(&self, s: &mut Sched, job_id: &str) {
         let row = match self.inner.store.get_job(job_id) {
             Ok(Some(row)) => row,
@@ -799,6 +898,7 @@ impl Executor {
             return; // already handled
         }
         rt.current_job = None;
+        self.remove_job_space(job_id);
         let unfit = self
             .inner
             .store

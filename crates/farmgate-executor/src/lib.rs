@@ -13,6 +13,7 @@ pub mod bootscript;
 pub mod config;
 pub mod console_link;
 pub mod executor;
+pub mod jobspace;
 pub mod runner;
 pub mod spawn;
 pub mod spec;

@@ -110,6 +110,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes a generated secret (one line) readable by its owner only, creating the
+/// state directory if needed.
+fn write_secret_file(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(f, "{secret}")?;
+    Ok(())
+}
+
 /// Make sure an admin token exists: the configured one, or one generated on first start
 /// and kept in the state directory (readable by root only), so a fresh gateway is never
 /// open to anonymous admin actions.
@@ -126,23 +144,84 @@ fn admin_token(config: &GatewayConfig) -> anyhow::Result<String> {
     use rand::Rng;
     let bytes: [u8; 24] = rand::rng().random();
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::create_dir_all(&config.state_dir)?;
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)?;
-        writeln!(f, "{token}")?;
-    }
+    write_secret_file(&path, &token)?;
     tracing::warn!(
         "FARMGATE_ADMIN_TOKEN is not set: generated an admin token in {}",
         path.display()
     );
     Ok(token)
+}
+
+/// Binds a TCP listener of the gateway, naming the variable that chose the port.
+async fn bind(
+    config: &GatewayConfig,
+    port: u16,
+    variable: &str,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind((config.executor_host, port))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {}:{port} ({variable}; 0 turns this service off): {e}",
+                config.executor_host
+            )
+        })
+}
+
+/// The S3 endpoint's admin credentials: `MINIO_ROOT_USER`/`MINIO_ROOT_PASSWORD`, or
+/// generated on first start into the state directory (readable by root only), like the
+/// admin token.
+fn s3_admin_credentials(config: &GatewayConfig) -> anyhow::Result<(String, String)> {
+    if let Some((u, p)) = &config.storage.s3_admin {
+        return Ok((u.clone(), p.clone()));
+    }
+    let path = config.state_dir.join("s3-admin.credentials");
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && let Some((u, p)) = text.trim().split_once(':')
+    {
+        return Ok((u.to_string(), p.to_string()));
+    }
+    let creds = farmgate_s3::new_credentials();
+    write_secret_file(&path, &format!("{}:{}", creds.access_key, creds.secret_key))?;
+    tracing::warn!(
+        "MINIO_ROOT_USER/MINIO_ROOT_PASSWORD are not set: generated the S3 admin credentials in {}",
+        path.display()
+    );
+    Ok((creds.access_key, creds.secret_key))
+}
+
+/// Job share spaces in the embedded S3 store: a bucket and a key restricted to it.
+struct S3JobStorage {
+    store: farmgate_s3::S3Store,
+    url: String,
+}
+
+impl farmgate_executor::jobspace::JobStorage for S3JobStorage {
+    fn url_for_duts(&self) -> String {
+        self.url.clone()
+    }
+
+    fn create_space(&self, bucket: &str) -> Result<(String, String), String> {
+        self.store
+            .create_bucket(bucket)
+            .map_err(|e| e.to_string())?;
+        let creds = farmgate_s3::new_credentials();
+        let (access, secret) = (creds.access_key.clone(), creds.secret_key.clone());
+        if let Err(e) = self.store.add_key(creds, vec![bucket.to_string()]) {
+            let _ = self.store.delete_bucket_recursive(bucket);
+            return Err(e.to_string());
+        }
+        Ok((access, secret))
+    }
+
+    fn remove_space(&self, bucket: &str, access_key: &str) -> Result<(), String> {
+        let key = self.store.remove_key(access_key).map_err(|e| e.to_string());
+        let bucket = self
+            .store
+            .delete_bucket_recursive(bucket)
+            .map_err(|e| e.to_string());
+        key.and(bucket)
+    }
 }
 
 /// The iPXE binaries the DHCP server names for PXE firmware (`undionly.kpxe` for BIOS,
@@ -223,7 +302,79 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         shutdown.clone(),
     )
     .await?;
-    let exec = Executor::start(config.clone(), shutdown.clone()).await?;
+    // The embedded S3 endpoint, where every user job gets a bucket and a key.
+    let s3 = if config.storage.s3_port == 0 {
+        None
+    } else {
+        let (access_key, secret_key) = s3_admin_credentials(&config)?;
+        let store = farmgate_s3::S3Store::open(farmgate_s3::S3Config {
+            root: config.storage.s3_dir.clone(),
+            region: "us-east-1".into(),
+            admin: farmgate_s3::Credentials {
+                access_key,
+                secret_key,
+            },
+        })
+        .map_err(|e| anyhow::anyhow!("S3 store (FARMGATE_S3_DIR): {e}"))?;
+        let listener = bind(&config, config.storage.s3_port, "FARMGATE_S3_PORT").await?;
+        let (router, sd) = (store.router(), shutdown.clone());
+        tokio::spawn(
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { sd.cancelled().await })
+                .into_future(),
+        );
+        Some(store)
+    };
+    let job_storage = s3.clone().map(|store| {
+        Arc::new(S3JobStorage {
+            store,
+            url: config.storage.s3_url.clone(),
+        }) as Arc<dyn farmgate_executor::jobspace::JobStorage>
+    });
+    let exec = Executor::start_with_storage(config.clone(), shutdown.clone(), job_storage).await?;
+    // The artifact cache, on the API port at /cache/<url>.
+    let cache = farmgate_cache::ArtifactCache::open(farmgate_cache::CacheConfig {
+        dir: config.storage.cache_dir.clone(),
+        max_bytes: config.storage.cache_max_bytes,
+        ttl: config.storage.cache_ttl,
+        allow_hosts: config.storage.cache_allow_hosts.clone(),
+        upstream_timeout: std::time::Duration::from_secs(30),
+    })
+    .map_err(|e| anyhow::anyhow!("artifact cache (FARMGATE_CACHE_DIR): {e}"))?;
+    // The OCI registry cache, on its own port.
+    let registry = if config.storage.registry_port == 0 {
+        None
+    } else {
+        let registry = farmgate_registry::RegistryCache::open(farmgate_registry::RegistryConfig {
+            dir: config.storage.registry_dir.clone(),
+            upstreams: config
+                .storage
+                .registry_upstreams
+                .iter()
+                .map(|(prefix, url)| farmgate_registry::Upstream {
+                    prefix: prefix.clone(),
+                    url: url.clone(),
+                })
+                .collect(),
+            tag_ttl: config.storage.registry_tag_ttl,
+            upstream_timeout: std::time::Duration::from_secs(30),
+        })
+        .map_err(|e| anyhow::anyhow!("registry cache (FARMGATE_REGISTRY_DIR): {e}"))?;
+        let listener = bind(
+            &config,
+            config.storage.registry_port,
+            "FARMGATE_REGISTRY_PORT",
+        )
+        .await?;
+        let local = listener.local_addr()?;
+        let (router, sd) = (registry.router(), shutdown.clone());
+        tokio::spawn(
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { sd.cancelled().await })
+                .into_future(),
+        );
+        Some(local)
+    };
     // Every known machine has its console relay port from the start, so a job runner can
     // attach before a network console (a QEMU machine) ever printed its id.
     {
@@ -349,6 +500,8 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         tftp = ?tftp,
         dhcp = ?dhcp,
         network_consoles = ?salad.tcpconsole_addr(),
+        s3 = ?s3.as_ref().map(|_| config.storage.s3_port),
+        registry = ?registry,
         "farmgate is serving"
     );
     let sd = shutdown.clone();
@@ -358,9 +511,14 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
             .into_future(),
     );
     let sd = shutdown.clone();
-    axum::serve(api, farmgate_api::executor_router(exec, tokens))
-        .with_graceful_shutdown(async move { sd.cancelled().await })
-        .await?;
+    axum::serve(
+        api,
+        cache
+            .router()
+            .merge(farmgate_api::executor_router(exec, tokens)),
+    )
+    .with_graceful_shutdown(async move { sd.cancelled().await })
+    .await?;
     let _ = salad_server.await;
     Ok(())
 }

@@ -16,6 +16,10 @@ use farmgate_wire::{DutRecord, DutState, DutView, JobView, MarsDb, PduRecord};
 
 pub const ADMIN: &str = "admin-token-for-tests";
 pub const SUBMIT: &str = "submit-token-for-tests";
+pub const S3_ADMIN: (&str, &str) = (
+    "farmgate-test-admin",
+    "farmgate-test-admin-secret-0123456789",
+);
 
 /// A free TCP port on loopback (bound then released).
 pub fn free_port() -> u16 {
@@ -168,6 +172,8 @@ impl Drop for PrivateNet {
 }
 
 pub struct Gateway {
+    pub s3_port: u16,
+    pub registry_port: u16,
     pub private_net: Option<PrivateNet>,
     pub dir: tempfile::TempDir,
     pub farm: SimFarm,
@@ -265,6 +271,8 @@ impl Gateway {
             );
         }
         let tcpconsole_port = free_port();
+        let s3_port = free_port();
+        let registry_port = free_port();
         let private_net = opts.private_net.then(PrivateNet::create);
         if opts.qemu_ports > 0 {
             build_initramfs(&dir.path().join("tftp"));
@@ -318,6 +326,14 @@ impl Gateway {
             ),
             ("SALAD_PORT".into(), salad_port.to_string()),
             ("SALAD_TCPCONSOLE_PORT".into(), tcpconsole_port.to_string()),
+            ("FARMGATE_S3_PORT".into(), s3_port.to_string()),
+            (
+                "FARMGATE_S3_URL".into(),
+                format!("http://127.0.0.1:{s3_port}"),
+            ),
+            ("MINIO_ROOT_USER".into(), S3_ADMIN.0.into()),
+            ("MINIO_ROOT_PASSWORD".into(), S3_ADMIN.1.into()),
+            ("FARMGATE_REGISTRY_PORT".into(), registry_port.to_string()),
             ("SALAD_URL".into(), format!("http://127.0.0.1:{salad_port}")),
             (
                 "SALAD_SERIAL_PORTS".into(),
@@ -388,6 +404,8 @@ impl Gateway {
             env.push((k.clone(), v.clone()));
         }
         let mut gw = Gateway {
+            s3_port,
+            registry_port,
             private_net,
             dir,
             farm,
