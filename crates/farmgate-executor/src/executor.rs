@@ -1441,6 +1441,11 @@ impl Executor {
                     r.pdu_off_delay = self.inner.config.default_pdu_off_delay;
                     r.first_seen = Some(now().format("%Y-%m-%d %H:%M:%S%.6f").to_string());
                     if let Some(d) = &discovery {
+                        // A virtual machine is off the moment its QEMU is killed: no
+                        // minimum off time (CI-tron users' complaint: 30 s on VMs).
+                        if db.pdus.get(&d.pdu).is_some_and(|p| p.driver == "qemu") {
+                            r.pdu_off_delay = 0.0;
+                        }
                         r.pdu = Some(d.pdu.clone());
                         r.pdu_port_id = Some(d.port_id.clone());
                         took_discovery = true;

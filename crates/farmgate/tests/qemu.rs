@@ -246,6 +246,10 @@ async fn qemu_blank_port_is_discovered_registers_trains_and_serves() {
     assert_eq!(view.record.pdu.as_deref(), Some("QEMU"));
     assert_eq!(view.record.pdu_port_id.as_deref(), Some("1"));
     assert_eq!(view.record.base_name.as_deref(), Some("qemu"));
+    assert_eq!(
+        view.record.pdu_off_delay, 0.0,
+        "a QEMU machine needs no minimum off time (FARMGATE_DEFAULT_PDU_OFF_DELAY is 0.5 here)"
+    );
     assert!(
         view.record
             .ip_address
