@@ -55,7 +55,8 @@ enum Command {
         /// ID of the machine that should run the job. Overrides the job's target.
         #[arg(short = 'i', long = "machine-id")]
         machine_id: Option<String>,
-        /// Directory shared with the job (needs the gateway's object store).
+        /// Directory shared with the job: put into the job's bucket before it starts,
+        /// and what the job left there is unpacked into it at the end.
         #[arg(short = 's', long = "share-directory")]
         share_directory: Option<PathBuf>,
         /// Identifier for the job, if you have one already.
@@ -197,12 +198,10 @@ async fn run(client: &Client, command: Command) -> Result<u8, Failure> {
             environ,
             job,
         } => {
-            if share_directory.is_some() {
-                return Err(fail(
-                    EXIT_USAGE,
-                    "--share-directory needs the gateway's object store, which this version does not have yet",
-                ));
-            }
+            let share = match &share_directory {
+                Some(dir) => Some(pack_share(dir)?),
+                None => None,
+            };
             let template = std::fs::read_to_string(&job)
                 .map_err(|e| fail(EXIT_USAGE, format!("cannot read {}: {e}", job.display())))?;
             let mut env = BTreeMap::new();
@@ -231,9 +230,18 @@ async fn run(client: &Client, command: Command) -> Result<u8, Failure> {
             let metadata = serde_json::to_string(&metadata).unwrap_or_default();
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
             let accepted: JobAccepted = loop {
-                let form = reqwest::multipart::Form::new()
+                let mut form = reqwest::multipart::Form::new()
                     .text("metadata", metadata.clone())
                     .text("job", template.clone());
+                if let Some(archive) = &share {
+                    form = form.part(
+                        "archive",
+                        reqwest::multipart::Part::bytes(archive.clone())
+                            .file_name("share.tar.gz")
+                            .mime_str("application/gzip")
+                            .map_err(|e| fail(EXIT_USAGE, e.to_string()))?,
+                    );
+                }
                 match client
                     .json::<JobAccepted>(
                         client
@@ -275,7 +283,11 @@ async fn run(client: &Client, command: Command) -> Result<u8, Failure> {
                     .map(|d| format!(" on {d}"))
                     .unwrap_or_default()
             ));
-            follow(client, &accepted.job_id).await
+            let code = follow(client, &accepted.job_id).await?;
+            if let Some(dir) = &share_directory {
+                unpack_share(client, &accepted.job_id, dir).await?;
+            }
+            Ok(code)
         }
         Command::Follow { job_id } => follow(client, &job_id).await,
         Command::Status { job_id } => {
@@ -350,6 +362,90 @@ fn client_job_id() -> String {
     let now = chrono::Utc::now();
     let salt = (now.timestamp_subsec_nanos() as u64) ^ ((std::process::id() as u64) << 20);
     format!("job-{}-{salt:08x}", now.format("%Y%m%d%H%M%S%3f"))
+}
+
+/// The share directory as a `.tar.gz` (paths relative to it), sent with the job.
+fn pack_share(dir: &std::path::Path) -> Result<Vec<u8>, Failure> {
+    if !dir.is_dir() {
+        return Err(fail(
+            EXIT_USAGE,
+            format!("--share-directory {}: not a directory", dir.display()),
+        ));
+    }
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    tar.follow_symlinks(false);
+    tar.append_dir_all(".", dir)
+        .and_then(|()| tar.into_inner())
+        .and_then(|gz| gz.finish())
+        .map_err(|e| {
+            fail(
+                EXIT_USAGE,
+                format!("--share-directory {}: {e}", dir.display()),
+            )
+        })
+}
+
+/// After the job: what it left in its bucket is unpacked into the share directory
+/// (entries that would land outside it are refused by the archive reader).
+async fn unpack_share(client: &Client, job_id: &str, dir: &std::path::Path) -> Result<(), Failure> {
+    // The archive is written right after the job ends, in the background.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let bytes = loop {
+        let r = client
+            .req(
+                reqwest::Method::GET,
+                &format!("/api/v1/job/{job_id}/share.tar.gz"),
+            )
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status().is_success() => match r.bytes().await {
+                Ok(b) => break b,
+                Err(e) => ctrl(&format!("share archive download: {e}; trying again")),
+            },
+            Ok(r) if r.status() != reqwest::StatusCode::NOT_FOUND => {
+                return Err(fail(
+                    EXIT_REFUSED,
+                    format!(
+                        "share archive of job {job_id}: the gateway answered {}",
+                        r.status()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(fail(
+                EXIT_UNREACHABLE,
+                format!("the share archive of job {job_id} did not appear within 60 s"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+    let mut count = 0;
+    let entries = archive
+        .entries()
+        .map_err(|e| fail(EXIT_REFUSED, format!("share archive: {e}")))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| fail(EXIT_REFUSED, format!("share archive: {e}")))?;
+        if entry.unpack_in(dir).map_err(|e| {
+            fail(
+                EXIT_USAGE,
+                format!("share directory {}: {e}", dir.display()),
+            )
+        })? {
+            count += 1;
+        }
+    }
+    ctrl(&format!(
+        "Share directory {}: {count} files from the job's bucket",
+        dir.display()
+    ));
+    Ok(())
 }
 
 async fn follow(client: &Client, job_id: &str) -> Result<u8, Failure> {

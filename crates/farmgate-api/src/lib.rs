@@ -189,7 +189,15 @@ pub fn executor_router(exec: Executor, tokens: Tokens) -> Router {
             get(get_port).patch(patch_port),
         )
         .route("/api/v1/full-state", get(full_state))
-        .route("/api/v1/jobs", get(list_jobs).post(submit_job))
+        .route(
+            "/api/v1/jobs",
+            get(list_jobs)
+                .post(submit_job)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    MAX_SHARE_SIZE + MAX_JOB_SIZE + (1 << 20),
+                )),
+        )
+        .route("/api/v1/job/{id}/share.tar.gz", get(job_share))
         .route("/api/v1/job/{id}", get(get_job))
         .route("/api/v1/job/{id}/events", get(job_events))
         .route("/api/v1/job/{id}/console.log", get(job_console_log))
@@ -427,8 +435,8 @@ async fn list_jobs(State(st): State<AppState>, Query(q): Query<JobsQuery>) -> Ap
 }
 
 /// `POST /api/v1/jobs`: multipart with `metadata` (JSON) and `job` (YAML template), as
-/// executorctl sends them. A share-directory archive is refused for now: sharing needs
-/// the object store.
+/// executorctl sends them, and optionally `archive`: the client's share directory as a
+/// `.tar.gz` (up to [`MAX_SHARE_SIZE`]), put into the job's bucket when it starts.
 async fn submit_job(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -437,6 +445,7 @@ async fn submit_job(
     authorize(&st, &headers, Role::Submit)?;
     let mut metadata: Option<JobMetadata> = None;
     let mut job: Option<String> = None;
+    let mut share: Option<bytes::Bytes> = None;
     loop {
         let field = multipart
             .next_field()
@@ -466,12 +475,7 @@ async fn submit_job(
                     ApiError::new(StatusCode::BAD_REQUEST, format!("job part: not UTF-8: {e}"))
                 })?);
             }
-            "archive" | "share" | "tarball" => {
-                return Err(ApiError::new(
-                    StatusCode::NOT_IMPLEMENTED,
-                    "share directories (-s) need the gateway's object store, which this version does not have yet",
-                ));
-            }
+            "archive" | "share" | "tarball" => share = Some(data),
             other => {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
@@ -486,8 +490,39 @@ async fn submit_job(
             "the multipart body has no `job` part (the job description)",
         )
     })?;
-    let accepted = st.exec.submit(&job, metadata.unwrap_or_default())?;
+    let exec = st.exec.clone();
+    let metadata = metadata.unwrap_or_default();
+    let accepted = tokio::task::spawn_blocking(move || {
+        exec.submit_with_share(&job, metadata, share.as_deref())
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(json(&accepted))
+}
+
+/// Largest share-directory archive a submission may carry.
+pub const MAX_SHARE_SIZE: usize = 1 << 30;
+
+/// `GET /api/v1/job/<id>/share.tar.gz`: what the job left in its bucket, archived when it
+/// ended (submit token: it is the job's output). 404 while the job runs or if it had no
+/// bucket.
+async fn job_share(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    authorize(&st, &headers, Role::Submit)?;
+    let path = st.exec.share_result(&id)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("job {id} has no share archive (yet): it is written when the job is over"),
+        )
+    })?;
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, format!("share of job {id}: {e}")))?;
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok(([(header::CONTENT_TYPE, "application/gzip")], body).into_response())
 }
 
 async fn get_job(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {

@@ -120,6 +120,14 @@ fn jobspace_key(job_id: &str) -> String {
     format!("jobspace:{job_id}")
 }
 
+/// Marks a job submitted with a share directory (its bucket is archived at the end).
+fn share_key(job_id: &str) -> String {
+    format!("share:{job_id}")
+}
+
+/// How long the archive of a job's bucket waits for its client.
+const SHARE_ARCHIVE_KEPT: Duration = Duration::from_secs(24 * 3600);
+
 /// The executor service; cheap to clone.
 #[derive(Clone)]
 pub struct Executor {
@@ -659,6 +667,35 @@ impl Executor {
                         &jobspace_key(job_id),
                         serde_json::to_string(&space).ok().as_deref(),
                     );
+                    let share =
+                        crate::jobspace::share_archive(&self.inner.config.state_dir, job_id, false);
+                    if share.exists() {
+                        let imported = storage.import_archive(&bucket, &share);
+                        let _ = std::fs::remove_file(&share);
+                        match imported {
+                            Ok(n) => {
+                                let _ = store.append_events(
+                                    job_id,
+                                    &[(
+                                        EventKind::Ctrl,
+                                        format!(
+                                            "Share directory: {n} files put into bucket {bucket}"
+                                        ),
+                                    )],
+                                );
+                            }
+                            Err(e) => {
+                                let _ = store.finish_job(
+                                    job_id,
+                                    JobStatus::SetupFail,
+                                    &format!(
+                                        "cannot put the share directory into bucket {bucket}: {e}"
+                                    ),
+                                );
+                                return;
+                            }
+                        }
+                    }
                     ctx = ctx.job_bucket(&farmgate_job::JobBucket {
                         url: storage.url_for_duts(),
                         name: bucket,
@@ -869,8 +906,26 @@ impl Executor {
             return;
         };
         let store = self.inner.store.clone();
+        let out = crate::jobspace::share_archive(&self.inner.config.state_dir, job_id, true);
+        let shared = store.kv_get(&share_key(job_id)).ok().flatten().is_some();
         let job_id = job_id.to_string();
         tokio::task::spawn_blocking(move || {
+            if let Some(dir) = out.parent() {
+                let _ = std::fs::create_dir_all(dir);
+                crate::jobspace::sweep_old_archives(dir, SHARE_ARCHIVE_KEPT);
+            }
+            // What the job left in its bucket goes back to the client (farmctl -s).
+            if shared {
+                match storage.export_archive(&space.bucket, &out) {
+                    Ok(n) => {
+                        tracing::debug!(job_id, files = n, "job bucket archived for the client")
+                    }
+                    Err(e) => {
+                        tracing::warn!(job_id, bucket = %space.bucket, "cannot archive the job's bucket: {e}")
+                    }
+                }
+                let _ = store.kv_set(&share_key(&job_id), None);
+            }
             match storage.remove_space(&space.bucket, &space.access_key) {
                 Ok(()) => {
                     tracing::info!(job_id, bucket = %space.bucket, "job bucket and key removed");
@@ -1153,6 +1208,69 @@ impl Executor {
     }
 
     // ----- API commands -------------------------------------------------------------
+
+    /// [`Executor::submit`] with the client's share directory as a `.tar.gz` archive: it is
+    /// put into the job's bucket when the job starts, and the bucket's content is archived
+    /// for the client when the job is over ([`Executor::share_result`]).
+    pub fn submit_with_share(
+        &self,
+        template: &str,
+        mut metadata: JobMetadata,
+        share: Option<&[u8]>,
+    ) -> Result<JobAccepted, ExecError> {
+        let Some(share) = share else {
+            return self.submit(template, metadata);
+        };
+        if self.inner.job_storage.is_none() {
+            return Err(ExecError::BadRequest(
+                "a share directory needs the gateway's object store, which is off here (FARMGATE_S3_PORT=0)".into(),
+            ));
+        }
+        let job_id = metadata
+            .job_id
+            .get_or_insert_with(|| new_job_id(JobKind::User))
+            .clone();
+        if !job_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || job_id.is_empty()
+            || job_id.len() > 128
+        {
+            return Err(ExecError::BadRequest(format!(
+                "job id {job_id:?}: use 1 to 128 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        // Saved before the job exists: it may be dispatched at once.
+        let path = crate::jobspace::share_archive(&self.inner.config.state_dir, &job_id, false);
+        let write = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&path, share));
+        if let Err(e) = write {
+            return Err(ExecError::Internal(format!(
+                "cannot keep the share directory archive at {}: {e}",
+                path.display()
+            )));
+        }
+        let accepted = self.submit(template, metadata);
+        match &accepted {
+            Ok(_) => {
+                let _ = self.inner.store.kv_set(&share_key(&job_id), Some("1"));
+            }
+            Err(_) => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        accepted
+    }
+
+    /// The archive of what a finished job left in its bucket (`farmctl -s` takes it back);
+    /// `None` while the job runs or when it had no bucket.
+    pub fn share_result(&self, job_id: &str) -> Result<Option<PathBuf>, ExecError> {
+        self.job_row(job_id)?;
+        let path = crate::jobspace::share_archive(&self.inner.config.state_dir, job_id, true);
+        Ok(path.exists().then_some(path))
+    }
 
     /// Queue a job (`POST /api/v1/jobs`).
     pub fn submit(&self, template: &str, metadata: JobMetadata) -> Result<JobAccepted, ExecError> {

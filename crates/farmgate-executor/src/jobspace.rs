@@ -14,6 +14,44 @@ pub trait JobStorage: Send + Sync {
     fn create_space(&self, bucket: &str) -> Result<(String, String), String>;
     /// Removes the key and the bucket with everything in it.
     fn remove_space(&self, bucket: &str, access_key: &str) -> Result<(), String>;
+    /// Puts the files of a `.tar.gz` archive (the client's share directory) into
+    /// `bucket`, keyed by their paths in the archive; returns how many.
+    fn import_archive(&self, bucket: &str, archive: &std::path::Path) -> Result<usize, String>;
+    /// Writes every object of `bucket` into a `.tar.gz` archive at `archive`, for the
+    /// client to take back into its share directory; returns how many.
+    fn export_archive(&self, bucket: &str, archive: &std::path::Path) -> Result<usize, String>;
+}
+
+/// Where a job's share archives live: `<state>/shares/<job id>.in.tar.gz` (sent by the
+/// client, put into the bucket when the job starts) and `….out.tar.gz` (the bucket at
+/// the end of the job, for the client to take back).
+pub fn share_archive(state_dir: &std::path::Path, job_id: &str, out: bool) -> std::path::PathBuf {
+    state_dir.join("shares").join(format!(
+        "{job_id}.{}.tar.gz",
+        if out { "out" } else { "in" }
+    ))
+}
+
+/// Deletes the result archives (`*.out.tar.gz`) of `dir` older than `kept` (clients that
+/// never came back for their job's results). Archives sent with queued jobs stay.
+pub fn sweep_old_archives(dir: &std::path::Path, kept: std::time::Duration) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().ends_with(".out.tar.gz") {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > kept);
+        if old {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// A bucket name for the job (S3 rules: 3–63 of `[a-z0-9-]`), CI-tron style:

@@ -214,6 +214,57 @@ impl farmgate_executor::jobspace::JobStorage for S3JobStorage {
         Ok((access, secret))
     }
 
+    fn import_archive(&self, bucket: &str, archive: &std::path::Path) -> Result<usize, String> {
+        let file = std::fs::File::open(archive).map_err(|e| e.to_string())?;
+        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+        let mut count = 0;
+        for entry in tar.entries().map_err(|e| format!("share archive: {e}"))? {
+            let mut entry = entry.map_err(|e| format!("share archive: {e}"))?;
+            if !entry.header().entry_type().is_file() {
+                continue;
+            }
+            let path = entry
+                .path()
+                .map_err(|e| format!("share archive: {e}"))?
+                .to_string_lossy()
+                .trim_start_matches("./")
+                .to_string();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut data)
+                .map_err(|e| format!("share archive, {path}: {e}"))?;
+            // The store refuses keys that would leave the bucket (`..`, absolute paths).
+            self.store
+                .put_object(bucket, &path, &data)
+                .map_err(|e| format!("share archive, {path}: {e}"))?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    fn export_archive(&self, bucket: &str, archive: &std::path::Path) -> Result<usize, String> {
+        let objects = self.store.list_objects(bucket).map_err(|e| e.to_string())?;
+        let tmp = archive.with_extension("tmp");
+        let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+            file,
+            flate2::Compression::fast(),
+        ));
+        for (key, _) in &objects {
+            let path = self
+                .store
+                .object_path(bucket, key)
+                .map_err(|e| e.to_string())?;
+            tar.append_path_with_name(&path, key)
+                .map_err(|e| format!("{key}: {e}"))?;
+        }
+        tar.into_inner()
+            .and_then(|gz| gz.finish())
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        // Complete or absent: a client never downloads half an archive.
+        std::fs::rename(&tmp, archive).map_err(|e| format!("{}: {e}", archive.display()))?;
+        Ok(objects.len())
+    }
+
     fn remove_space(&self, bucket: &str, access_key: &str) -> Result<(), String> {
         let key = self.store.remove_key(access_key).map_err(|e| e.to_string());
         let bucket = self

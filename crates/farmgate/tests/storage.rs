@@ -74,8 +74,19 @@ print(json.dumps({"ok": True}))"#,
             "",
         ),
     );
+    // The client's share directory goes into the bucket, and comes back at the end.
+    let share = gw.dir.path().join("share");
+    std::fs::create_dir_all(share.join("inputs")).expect("share dir");
+    std::fs::write(share.join("inputs/params.txt"), "from the client\n").expect("write");
     let farmctl = gw
-        .farmctl(&["run", "-j", "bucket-job-1", path_str(&job)])
+        .farmctl(&[
+            "run",
+            "-j",
+            "bucket-job-1",
+            "-s",
+            path_str(&share),
+            path_str(&job),
+        ])
         .spawn()
         .expect("farmctl starts");
     let deadline = Instant::now() + LIMIT;
@@ -114,15 +125,20 @@ print(json.dumps({"ok": True}))"#,
             r#"b = {bucket:?}
 put = code(lambda: s3.put_object(Bucket=b, Key="results/out.txt", Body=b"from the DUT"))
 got = s3.get_object(Bucket=b, Key="results/out.txt")["Body"].read().decode()
+shared = s3.get_object(Bucket=b, Key="inputs/params.txt")["Body"].read().decode()
 mine = [x["Name"] for x in s3.list_buckets()["Buckets"]]
 other = code(lambda: s3.get_object(Bucket="admins-own", Key="secret.txt"))
 other_put = code(lambda: s3.put_object(Bucket="admins-own", Key="x", Body=b"x"))
 create = code(lambda: s3.create_bucket(Bucket="job-made-this"))
-print(json.dumps({{"put": put, "got": got, "mine": mine, "other": other, "other_put": other_put, "create": create}}))"#
+print(json.dumps({{"put": put, "got": got, "shared": shared, "mine": mine, "other": other, "other_put": other_put, "create": create}}))"#
         ),
     );
     assert_eq!(r["put"], "ok", "{r}");
     assert_eq!(r["got"], "from the DUT", "{r}");
+    assert_eq!(
+        r["shared"], "from the client\n",
+        "the share directory is in the bucket: {r}"
+    );
     assert_eq!(
         r["mine"],
         serde_json::json!([bucket]),
@@ -136,12 +152,19 @@ print(json.dumps({{"put": put, "got": got, "mine": mine, "other": other, "other_
         .await
         .expect("the job ends")
         .expect("farmctl output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
         Some(JobStatus::Complete.exit_code()),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{stderr}"
     );
+    // What the DUT wrote came back into the share directory.
+    assert_eq!(
+        std::fs::read_to_string(share.join("results/out.txt")).unwrap_or_default(),
+        "from the DUT",
+        "{stderr}"
+    );
+    assert!(stderr.contains("Share directory"), "{stderr}");
     // At the end the key is refused and the bucket is gone (removed in the background).
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
