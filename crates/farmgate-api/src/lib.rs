@@ -13,11 +13,12 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Multipart, Path, Query, State};
+use axum::extract::{ConnectInfo, Multipart, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -41,6 +42,59 @@ pub struct Tokens {
     pub admin: Option<String>,
     /// Submit bearer token; when unset, only the admin token can submit.
     pub submit: Option<String>,
+    /// Networks (address, prefix length) allowed to use the DUT-facing endpoints
+    /// (`boot.ipxe`, `/boot/`, job storage, registration) without a token; empty: any.
+    /// A boot script carries the job's secrets (its bucket key), so a gateway reachable
+    /// from outside its farm should set this (`FARMGATE_DUT_NETWORKS`).
+    pub dut_networks: Vec<(std::net::IpAddr, u8)>,
+}
+
+/// Whether `ip` is in the network `net`/`prefix` (IPv4-mapped IPv6 counts as IPv4).
+pub fn in_network(ip: std::net::IpAddr, net: std::net::IpAddr, prefix: u8) -> bool {
+    use std::net::IpAddr;
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let bits = u32::from(prefix.min(32));
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits)
+            };
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let bits = u32::from(prefix.min(128));
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+/// DUT-facing endpoints answer machines of the farm's networks, or the admin.
+fn authorize_dut(state: &AppState, headers: &HeaderMap, peer: SocketAddr) -> ApiResult<()> {
+    let nets = &state.tokens.dut_networks;
+    if nets.is_empty() || nets.iter().any(|(n, p)| in_network(peer.ip(), *n, *p)) {
+        return Ok(());
+    }
+    if authorize(state, headers, Role::Admin).is_ok() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!(
+            "this endpoint serves the farm's machines: {} is not in FARMGATE_DUT_NETWORKS (or use the admin token)",
+            peer.ip()
+        ),
+    ))
 }
 
 #[derive(Clone)]
@@ -240,7 +294,13 @@ async fn delete_dut(
     Ok(StatusCode::OK.into_response())
 }
 
-async fn register_dut(State(st): State<AppState>, body: Bytes) -> ApiResult<Response> {
+async fn register_dut(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    authorize_dut(&st, &headers, peer)?;
     let reg: DutRegistration = parse_body("registration body", &body)?;
     Ok(json(&st.exec.register_dut(reg)?))
 }
@@ -268,7 +328,13 @@ async fn delete_discover(State(st): State<AppState>, headers: HeaderMap) -> ApiR
 /// `GET /boot/<path>`: a file of `BOOTS_TFTP_ROOT` over HTTP (kernels, initramfs, iPXE
 /// binaries: the same files TFTP serves). No token: DUTs fetch these while they boot.
 /// The path never leaves the root (`..`, NUL and symlinks out are refused).
-async fn boot_file(State(st): State<AppState>, Path(path): Path<String>) -> ApiResult<Response> {
+async fn boot_file(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(path): Path<String>,
+) -> ApiResult<Response> {
+    authorize_dut(&st, &headers, peer)?;
     let root = st.exec.config().boots_tftp_root.clone();
     let file_path = farmgate_netboot::resolve(&root, &path).map_err(|e| match e {
         farmgate_netboot::PathError::NotFound(_) => {
@@ -304,8 +370,11 @@ async fn boot_file(State(st): State<AppState>, Path(path): Path<String>) -> ApiR
 /// needs to reach the gateway.
 async fn storage_file(
     State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path((id, path)): Path<(String, String)>,
 ) -> ApiResult<Response> {
+    authorize_dut(&st, &headers, peer)?;
     match st.exec.storage_file(&id, false, &path)? {
         farmgate_executor::storage::StorageContent::Data(bytes) => {
             Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
@@ -347,9 +416,12 @@ struct BootQuery {
 
 async fn boot_ipxe(
     State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<BootQuery>,
 ) -> ApiResult<Response> {
+    authorize_dut(&st, &headers, peer)?;
     let script = st
         .exec
         .boot_script(&id, q.arch.as_deref(), q.platform.as_deref())?;
@@ -680,6 +752,25 @@ async fn salad_machine(State(salad): State<Salad>, Path(id): Path<String>) -> Ap
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn networks_match_by_prefix() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("address");
+        assert!(super::in_network(ip("10.42.0.17"), ip("10.42.0.1"), 24));
+        assert!(!super::in_network(ip("10.43.0.17"), ip("10.42.0.1"), 24));
+        assert!(super::in_network(ip("127.3.2.1"), ip("127.0.0.1"), 8));
+        assert!(
+            super::in_network(ip("::ffff:10.42.0.9"), ip("10.42.0.0"), 24),
+            "v4-mapped"
+        );
+        assert!(super::in_network(ip("::1"), ip("::1"), 128));
+        assert!(!super::in_network(ip("::2"), ip("::1"), 128));
+        assert!(super::in_network(ip("1.2.3.4"), ip("0.0.0.0"), 0));
+        assert!(
+            !super::in_network(ip("10.42.0.1"), ip("::1"), 0),
+            "families differ"
+        );
+    }
+
     use super::*;
 
     #[test]

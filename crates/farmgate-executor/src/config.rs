@@ -110,6 +110,37 @@ pub struct GatewayConfig {
     pub job_env: BTreeMap<String, String>,
     /// Storage and caches (issue 4): see [`StorageConfig`].
     pub storage: StorageConfig,
+    /// `FARMGATE_DUT_NETWORKS`: networks allowed to use the DUT-facing endpoints
+    /// (`a.b.c.d/n` or IPv6, comma-separated; `*`: any). `None`: the default, loopback
+    /// and the subnet of `PRIVATE_INTERFACE`.
+    pub dut_networks: Option<Vec<(IpAddr, u8)>>,
+}
+
+fn parse_networks(name: &str, v: &str) -> Result<Vec<(IpAddr, u8)>, ConfigError> {
+    if v.trim() == "*" {
+        return Ok(Vec::new());
+    }
+    v.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            let (addr, prefix) = n.split_once('/').unwrap_or((n, ""));
+            let ip: IpAddr = addr
+                .parse()
+                .map_err(|_| invalid(name, n, "expected an address/prefix like 10.42.0.0/24"))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let prefix = if prefix.is_empty() {
+                max
+            } else {
+                prefix
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= max)
+                    .ok_or_else(|| invalid(name, n, "bad prefix length"))?
+            };
+            Ok((ip, prefix))
+        })
+        .collect()
 }
 
 /// The object store, the artifact cache and the registry cache.
@@ -350,6 +381,9 @@ impl GatewayConfig {
             runner_exe: get("FARMGATE_RUNNER_EXE").map(PathBuf::from),
             job_env,
             storage,
+            dut_networks: get("FARMGATE_DUT_NETWORKS")
+                .map(|v| parse_networks("FARMGATE_DUT_NETWORKS", &v))
+                .transpose()?,
         })
     }
 
@@ -628,10 +662,36 @@ mod tests {
             c.storage.registry_upstreams,
             vec![("local".to_string(), "http://127.0.0.1:5000".to_string())]
         );
+        assert_eq!(
+            c.dut_networks, None,
+            "default: loopback + PRIVATE_INTERFACE"
+        );
+        let c = GatewayConfig::from_env(&env(&[
+            ("FARM_NAME", "f"),
+            (
+                "FARMGATE_DUT_NETWORKS",
+                "10.42.0.0/24, fd00::/8,192.168.1.5",
+            ),
+        ]))
+        .expect("valid");
+        assert_eq!(
+            c.dut_networks,
+            Some(vec![
+                ("10.42.0.0".parse().expect("ip"), 24),
+                ("fd00::".parse().expect("ip"), 8),
+                ("192.168.1.5".parse().expect("ip"), 32)
+            ])
+        );
+        let c =
+            GatewayConfig::from_env(&env(&[("FARM_NAME", "f"), ("FARMGATE_DUT_NETWORKS", "*")]))
+                .expect("valid");
+        assert_eq!(c.dut_networks, Some(vec![]), "any");
         for (k, v) in [
             ("FARMGATE_CACHE_MAX_SIZE", "lots"),
             ("FARMGATE_REGISTRY_UPSTREAMS", "docker.io"),
             ("MINIO_ROOT_USER", "admin"),
+            ("FARMGATE_DUT_NETWORKS", "10.42.0.0/33"),
+            ("FARMGATE_DUT_NETWORKS", "somewhere"),
         ] {
             let e = GatewayConfig::from_env(&env(&[("FARM_NAME", "f"), (k, v)]))
                 .expect_err("must fail");

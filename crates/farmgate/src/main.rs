@@ -152,6 +152,29 @@ fn admin_token(config: &GatewayConfig) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// Who may use the DUT-facing endpoints: `FARMGATE_DUT_NETWORKS`, or loopback (QEMU
+/// machines on user-mode networking, local tools) and `PRIVATE_INTERFACE`'s subnet.
+fn dut_networks(config: &GatewayConfig) -> Vec<(std::net::IpAddr, u8)> {
+    if let Some(n) = &config.dut_networks {
+        return n.clone();
+    }
+    let mut nets = vec![
+        (std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8),
+        (std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), 128),
+    ];
+    if let Ok(c) = farmgate_netboot::dhcp_server::DhcpServerConfig::from_interface(
+        &config.private_interface,
+        config.executor_port,
+    ) {
+        nets.push((std::net::IpAddr::V4(c.server_ip), c.prefix_len));
+    }
+    tracing::info!(
+        ?nets,
+        "DUT-facing endpoints answer these networks (FARMGATE_DUT_NETWORKS)"
+    );
+    nets
+}
+
 /// Binds a TCP listener of the gateway, naming the variable that chose the port.
 async fn bind(
     config: &GatewayConfig,
@@ -339,6 +362,7 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
     let tokens = farmgate_api::Tokens {
         admin: Some(admin_token(&config)?),
         submit: config.submit_token.clone(),
+        dut_networks: dut_networks(&config),
     };
     let salad = farmgate_console::Salad::start(
         farmgate_console::SaladConfig {
@@ -566,7 +590,8 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         api,
         cache
             .router()
-            .merge(farmgate_api::executor_router(exec, tokens)),
+            .merge(farmgate_api::executor_router(exec, tokens))
+            .into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(async move { sd.cancelled().await })
     .await?;

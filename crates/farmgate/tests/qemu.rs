@@ -220,6 +220,21 @@ deployment:
         "{}",
         r.all()
     );
+    // This test reaches the gateway from outside the farm's networks (over the veth):
+    // the DUT-facing endpoints are not for it, unless it shows the admin token.
+    let boot = format!("{}/api/v1/dut/{}/boot.ipxe", gw.url(), qemu_mac(0));
+    let r = gw.http.get(&boot).send().await.expect("GET boot.ipxe");
+    assert_eq!(r.status(), 403);
+    let text = r.text().await.unwrap_or_default();
+    assert!(text.contains("FARMGATE_DUT_NETWORKS"), "{text}");
+    let r = gw
+        .http
+        .get(&boot)
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("GET boot.ipxe as admin");
+    assert_ne!(r.status(), 403, "the admin may look");
     gw.stop().await;
 }
 
