@@ -11,7 +11,7 @@
 # examples/sample-job.yml.j2.
 #
 # Ports (override with the variables): API 8000, SALAD 8005, network consoles 8100,
-# virtual PDU 9191 (sim only), TFTP 6969.
+# virtual PDU 9191 (sim only), TFTP 6969, S3 9000, registry cache 8002.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -22,6 +22,8 @@ SALAD_PORT=${SALAD_PORT:-8005}
 CONSOLE_PORT=${CONSOLE_PORT:-8100}
 VPDU_PORT=${VPDU_PORT:-9191}
 TFTP_PORT=${TFTP_PORT:-6969}
+S3_PORT=${S3_PORT:-9000}
+REGISTRY_PORT=${REGISTRY_PORT:-8002}
 if [ -z "${DEMO:-}" ]; then
     if command -v qemu-system-x86_64 >/dev/null && ls /boot/vmlinuz-* >/dev/null 2>&1; then
         DEMO=qemu
@@ -50,7 +52,8 @@ common_env=(FARM_NAME=demo EXECUTOR_HOST=127.0.0.1 EXECUTOR_PORT="$API_PORT"
     SALAD_TCPCONSOLE_PORT="$CONSOLE_PORT" MARS_DB_FILE="$work/mars_db.yaml"
     FARMGATE_STATE_DIR="$work/state" FARMGATE_ADMIN_TOKEN="$ADMIN"
     FARMGATE_SUBMIT_TOKEN="$FARMGATE_TOKEN" BOOTS_TFTP_PORT="$TFTP_PORT"
-    BOOTS_TFTP_ROOT="$work/tftp" FARMGATE_DEFAULT_PDU_OFF_DELAY=1)
+    BOOTS_TFTP_ROOT="$work/tftp" FARMGATE_DEFAULT_PDU_OFF_DELAY=1
+    FARMGATE_S3_PORT="$S3_PORT" FARMGATE_REGISTRY_PORT="$REGISTRY_PORT")
 
 wait_api() {
     for _ in $(seq 100); do
