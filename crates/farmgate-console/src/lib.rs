@@ -1018,20 +1018,26 @@ impl Salad {
         routed
     }
 
-    async fn serve_tcpconsoles(self, listener: TcpListener) {
+    /// The next connection on `listener`, or `None` once SALAD stops. A failed accept
+    /// (e.g. out of file descriptors) is logged, naming `what`, and retried shortly.
+    async fn accept(&self, listener: &TcpListener, what: &str) -> Option<(TcpStream, SocketAddr)> {
         loop {
             let accepted = tokio::select! {
-                _ = self.inner.cancel.cancelled() => return,
+                _ = self.inner.cancel.cancelled() => return None,
                 r = listener.accept() => r,
             };
-            let (sock, peer) = match accepted {
-                Ok(a) => a,
+            match accepted {
+                Ok(a) => return Some(a),
                 Err(e) => {
-                    tracing::warn!("SALAD: accepting a network console failed: {e}");
+                    tracing::warn!("SALAD: accepting {what} failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
                 }
-            };
+            }
+        }
+    }
+
+    async fn serve_tcpconsoles(self, listener: TcpListener) {
+        while let Some((sock, peer)) = self.accept(&listener, "a network console").await {
             let _ = sock.set_nodelay(true);
             let (rd, wr) = sock.into_split();
             let cancel = self.inner.cancel.child_token();
@@ -1111,19 +1117,8 @@ impl Salad {
     }
 
     async fn serve_machine(self, id: String, listener: TcpListener) {
-        loop {
-            let accepted = tokio::select! {
-                _ = self.inner.cancel.cancelled() => return,
-                r = listener.accept() => r,
-            };
-            let (sock, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(machine = %id, "SALAD: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+        let what = format!("a client of machine {id}");
+        while let Some((sock, peer)) = self.accept(&listener, &what).await {
             let _ = sock.set_nodelay(true);
             let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
             let generation = {
@@ -1200,19 +1195,8 @@ impl Salad {
     }
 
     async fn serve_log(self, id: String, listener: TcpListener) {
-        loop {
-            let accepted = tokio::select! {
-                _ = self.inner.cancel.cancelled() => return,
-                r = listener.accept() => r,
-            };
-            let (sock, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(machine = %id, "SALAD: accept on the log port failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+        let what = format!("a log client of machine {id}");
+        while let Some((sock, peer)) = self.accept(&listener, &what).await {
             let rx = {
                 let state = self.state();
                 state
