@@ -91,6 +91,16 @@ impl ApiError {
     }
 }
 
+/// A failure of the gateway itself (a task that panicked, a response that cannot be
+/// built): `500 InternalError` with its message.
+fn internal_error(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "InternalError",
+        e.to_string(),
+    )
+}
+
 impl From<S3Error> for ApiError {
     fn from(e: S3Error) -> Self {
         let msg = e.to_string();
@@ -1159,13 +1169,7 @@ async fn copy_object(
         s.commit_object(&t, &b, &k, &meta)
     })
     .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalError",
-            e.to_string(),
-        )
-    })??;
+    .map_err(internal_error)??;
     guard.keep();
     let mut w = XmlWriter::new("CopyObjectResult");
     w.elem("LastModified", &iso8601(SystemTime::now()))
@@ -1446,13 +1450,7 @@ async fn upload_part(
         etag: etag.clone(),
         size,
     })
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalError",
-            e.to_string(),
-        )
-    })?;
+    .map_err(internal_error)?;
     let part = dir.join(n.to_string());
     let part_info = dir.join(format!("{n}.json"));
     let (info_tmp, mut f) = store.temp_file()?;
@@ -1573,13 +1571,7 @@ async fn complete_upload(
         Ok(etag)
     })
     .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalError",
-            e.to_string(),
-        )
-    })??;
+    .map_err(internal_error)??;
     guard.keep();
     let mut w = XmlWriter::new("CompleteMultipartUploadResult");
     w.elem("Location", &format!("/{bucket}/{key}"))
