@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
+use crate::io_err;
 use crate::sigv4::{self, ChunkDecoder, ChunkSigner};
 use crate::xml::{self, XmlWriter};
 use crate::{
@@ -842,11 +843,7 @@ async fn dispatch(store: &S3Store, req: Request) -> ApiResult<Response> {
             if let Some(id) = query.get("uploadId") {
                 load_upload(store, &bucket, &key, id)?;
                 let dir = store.uploads_dir().join(id);
-                fs::remove_dir_all(&dir).map_err(|e| S3Error::Io {
-                    action: "delete upload".into(),
-                    path: dir,
-                    source: e,
-                })?;
+                fs::remove_dir_all(&dir).map_err(io_err("delete upload", &dir))?;
             } else {
                 store.delete_object(&bucket, &key)?;
             }
@@ -1161,11 +1158,7 @@ async fn copy_object(
     let (s, b, k, t) = (store.clone(), bucket.to_string(), key.to_string(), tmp);
     let etag = meta.etag.clone();
     tokio::task::spawn_blocking(move || -> Result<(), S3Error> {
-        fs::copy(&from, &t).map_err(|e| S3Error::Io {
-            action: "copy".into(),
-            path: from.clone(),
-            source: e,
-        })?;
+        fs::copy(&from, &t).map_err(io_err("copy", &from))?;
         s.commit_object(&t, &b, &k, &meta)
     })
     .await
@@ -1240,11 +1233,7 @@ async fn get_object(
         bucket: bucket.to_string(),
         key: key.to_string(),
     })?;
-    let md = file.metadata().map_err(|e| S3Error::Io {
-        action: "stat".into(),
-        path: path.clone(),
-        source: e,
-    })?;
+    let md = file.metadata().map_err(io_err("stat", &path))?;
     let size = md.len();
     let modified = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
     let etag = format!("\"{}\"", meta.etag);
@@ -1296,11 +1285,7 @@ async fn get_object(
         let mut f = tokio::fs::File::from_std(file);
         f.seek(SeekFrom::Start(start))
             .await
-            .map_err(|e| S3Error::Io {
-                action: "seek".into(),
-                path: path.clone(),
-                source: e,
-            })?;
+            .map_err(io_err("seek", &path))?;
         use tokio::io::AsyncReadExt;
         Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
             f.take(len),
@@ -1393,22 +1378,14 @@ fn create_upload(
         meta: meta_from_headers(headers, String::new()),
         initiated: Utc::now(),
     };
-    let io = |action: &str, path: &Path| {
-        let (action, path) = (action.to_string(), path.to_path_buf());
-        move |e| S3Error::Io {
-            action,
-            path,
-            source: e,
-        }
-    };
-    fs::create_dir(&dir).map_err(io("create upload directory", &dir))?;
+    fs::create_dir(&dir).map_err(io_err("create upload directory", &dir))?;
     let info_path = dir.join("info.json");
     let json = serde_json::to_vec(&info).map_err(|e| S3Error::Io {
         action: "encode".into(),
         path: info_path.clone(),
         source: std::io::Error::other(e),
     })?;
-    fs::write(&info_path, json).map_err(io("write", &info_path))?;
+    fs::write(&info_path, json).map_err(io_err("write", &info_path))?;
     let mut w = XmlWriter::new("InitiateMultipartUploadResult");
     w.elem("Bucket", bucket)
         .elem("Key", key)
@@ -1455,22 +1432,14 @@ async fn upload_part(
     let part_info = dir.join(format!("{n}.json"));
     let (info_tmp, mut f) = store.temp_file()?;
     let mut info_guard = TempGuard(Some(info_tmp.clone()));
-    let io = |action: &str, path: &Path| {
-        let (action, path) = (action.to_string(), path.to_path_buf());
-        move |e| S3Error::Io {
-            action,
-            path,
-            source: e,
-        }
-    };
-    f.write_all(&info).map_err(io("write", &info_tmp))?;
+    f.write_all(&info).map_err(io_err("write", &info_tmp))?;
     drop(f);
     // Aborted meanwhile: the directory is gone and the renames fail.
     fs::rename(&tmp, &part).map_err(|_| S3Error::NoSuchUpload {
         upload_id: id.to_string(),
     })?;
     guard.keep();
-    fs::rename(&info_tmp, &part_info).map_err(io("rename into place", &part_info))?;
+    fs::rename(&info_tmp, &part_info).map_err(io_err("rename into place", &part_info))?;
     info_guard.keep();
     let mut resp = empty(StatusCode::OK);
     set_header(&mut resp, "etag", &format!("\"{etag}\""));
@@ -1531,35 +1500,19 @@ async fn complete_upload(
         let mut buf = vec![0u8; 1 << 20];
         for n in &numbers {
             let part = dir.join(n.to_string());
-            let mut f = fs::File::open(&part).map_err(|e| S3Error::Io {
-                action: "open part".into(),
-                path: part.clone(),
-                source: e,
-            })?;
+            let mut f = fs::File::open(&part).map_err(io_err("open part", &part))?;
             let mut h = Md5::new();
             loop {
-                let r = f.read(&mut buf).map_err(|e| S3Error::Io {
-                    action: "read part".into(),
-                    path: part.clone(),
-                    source: e,
-                })?;
+                let r = f.read(&mut buf).map_err(io_err("read part", &part))?;
                 if r == 0 {
                     break;
                 }
                 h.update(&buf[..r]);
-                out.write_all(&buf[..r]).map_err(|e| S3Error::Io {
-                    action: "write".into(),
-                    path: tmp.clone(),
-                    source: e,
-                })?;
+                out.write_all(&buf[..r]).map_err(io_err("write", &tmp))?;
             }
             md5s.extend_from_slice(&h.finalize());
         }
-        out.flush().map_err(|e| S3Error::Io {
-            action: "write".into(),
-            path: tmp.clone(),
-            source: e,
-        })?;
+        out.flush().map_err(io_err("write", &tmp))?;
         drop(out);
         let etag = format!("{}-{}", hex::encode(Md5::digest(&md5s)), numbers.len());
         let meta = ObjectMeta {

@@ -170,7 +170,8 @@ pub enum S3Error {
     },
 }
 
-fn io_err(action: &str, path: &Path) -> impl FnOnce(io::Error) -> S3Error {
+/// Maps an I/O error to [`S3Error::Io`] naming what was done to which file.
+pub(crate) fn io_err(action: &str, path: &Path) -> impl FnOnce(io::Error) -> S3Error {
     let action = action.to_string();
     let path = path.to_path_buf();
     move |source| S3Error::Io {
