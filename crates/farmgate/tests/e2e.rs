@@ -563,15 +563,7 @@ async fn discovery_enrolls_a_blank_port_which_registers_trains_and_serves() {
         gw.farm.boot_count(3)
     );
     // The discovery is over.
-    let d: farmgate_wire::DiscoverState = gw
-        .http
-        .get(format!("{}/api/v1/dut/discover", gw.url()))
-        .send()
-        .await
-        .expect("GET discover")
-        .json()
-        .await
-        .expect("discover json");
+    let d: farmgate_wire::DiscoverState = gw.get_json("/api/v1/dut/discover").await;
     assert!(d.pdu.is_none(), "{d:?}");
 
     // And it serves jobs.

@@ -49,15 +49,7 @@ async fn qemu_dut_netboots_and_the_job_passes_on_its_pattern() {
         .find(|w| w.starts_with("job-"))
         .expect("job id in farmctl's messages")
         .to_string();
-    let log = gw
-        .http
-        .get(format!("{}/api/v1/job/{id}/console.log", gw.url()))
-        .send()
-        .await
-        .expect("GET console.log")
-        .text()
-        .await
-        .expect("text");
+    let log = gw.get_text(&format!("/api/v1/job/{id}/console.log")).await;
     let line = log
         .lines()
         .find(|l| l.ends_with("JOB RESULT: 42"))
@@ -70,15 +62,7 @@ async fn qemu_dut_netboots_and_the_job_passes_on_its_pattern() {
     let d = gw.wait_state(0, DutState::Idle, LIMIT).await;
     assert!(d.current_job.is_none());
     // The machine was powered off at teardown: its QEMU is gone.
-    let pdu: serde_json::Value = gw
-        .http
-        .get(format!("{}/api/v1/pdu/QEMU/port/0", gw.url()))
-        .send()
-        .await
-        .expect("GET port")
-        .json()
-        .await
-        .expect("port json");
+    let pdu: serde_json::Value = gw.get_json("/api/v1/pdu/QEMU/port/0").await;
     assert_eq!(pdu["state"], "off", "{pdu}");
     gw.stop().await;
 }

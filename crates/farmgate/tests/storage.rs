@@ -91,15 +91,7 @@ print(json.dumps({"ok": True}))"#,
         .expect("farmctl starts");
     let deadline = Instant::now() + LIMIT;
     let line = loop {
-        let log = gw
-            .http
-            .get(format!("{}/api/v1/job/bucket-job-1/console.log", gw.url()))
-            .send()
-            .await
-            .expect("GET console.log")
-            .text()
-            .await
-            .unwrap_or_default();
+        let log = gw.get_text("/api/v1/job/bucket-job-1/console.log").await;
         if let Some(l) = log.lines().find(|l| l.contains("] S3 http")) {
             break l.to_string();
         }
@@ -243,15 +235,7 @@ async fn artifact_cache_and_registry_cache_answer_on_the_gateway() {
     // The origin is gone: the cache serves from disk.
     let (ok, body) = fetch(format!("/cache/{url}"));
     assert!(ok && body == artifact, "served from disk");
-    let stats: serde_json::Value = gw
-        .http
-        .get(format!("{}/cache-stats", gw.url()))
-        .send()
-        .await
-        .expect("GET /cache-stats")
-        .json()
-        .await
-        .expect("stats json");
+    let stats: serde_json::Value = gw.get_json("/cache-stats").await;
     assert_eq!(stats["misses"], 1, "{stats}");
     assert_eq!(stats["hits"], 2, "{stats}");
     // The registry cache speaks the OCI distribution API on its port.

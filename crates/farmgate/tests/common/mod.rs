@@ -541,26 +541,30 @@ impl Gateway {
         }
     }
 
-    pub async fn dut(&self, port: u32) -> DutView {
+    /// `GET <gateway><path>` as text (whatever the status).
+    pub async fn get_text(&self, path: &str) -> String {
         self.http
-            .get(format!("{}/api/v1/dut/{}", self.url(), mac(port)))
+            .get(format!("{}{path}", self.url()))
             .send()
             .await
-            .expect("GET dut")
-            .json()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .text()
             .await
-            .expect("dut json")
+            .unwrap_or_else(|e| panic!("GET {path}: body: {e}"))
+    }
+
+    /// `GET <gateway><path>` decoded from JSON.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        let text = self.get_text(path).await;
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {path}: {e}: {text}"))
+    }
+
+    pub async fn dut(&self, port: u32) -> DutView {
+        self.get_json(&format!("/api/v1/dut/{}", mac(port))).await
     }
 
     pub async fn job(&self, id: &str) -> JobView {
-        self.http
-            .get(format!("{}/api/v1/job/{id}", self.url()))
-            .send()
-            .await
-            .expect("GET job")
-            .json()
-            .await
-            .expect("job json")
+        self.get_json(&format!("/api/v1/job/{id}")).await
     }
 
     /// Wait until the DUT on `port` is in `state` (bounded).
