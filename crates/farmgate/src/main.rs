@@ -152,9 +152,31 @@ fn admin_token(config: &GatewayConfig) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// The DUTs' network as read from `PRIVATE_INTERFACE` (its address, subnet, and the
+/// DHCP settings derived from them), when that interface exists.
+type PrivateNet = Result<
+    farmgate_netboot::dhcp_server::DhcpServerConfig,
+    farmgate_netboot::dhcp_server::DhcpServerError,
+>;
+
+fn private_net(config: &GatewayConfig) -> Option<PrivateNet> {
+    std::path::Path::new("/sys/class/net")
+        .join(&config.private_interface)
+        .exists()
+        .then(|| {
+            farmgate_netboot::dhcp_server::DhcpServerConfig::from_interface(
+                &config.private_interface,
+                config.executor_port,
+            )
+        })
+}
+
 /// Who may use the DUT-facing endpoints: `FARMGATE_DUT_NETWORKS`, or loopback (QEMU
 /// machines on user-mode networking, local tools) and `PRIVATE_INTERFACE`'s subnet.
-fn dut_networks(config: &GatewayConfig) -> Vec<(std::net::IpAddr, u8)> {
+fn dut_networks(
+    config: &GatewayConfig,
+    private: Option<&PrivateNet>,
+) -> Vec<(std::net::IpAddr, u8)> {
     if let Some(n) = &config.dut_networks {
         return n.clone();
     }
@@ -162,10 +184,7 @@ fn dut_networks(config: &GatewayConfig) -> Vec<(std::net::IpAddr, u8)> {
         (std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8),
         (std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), 128),
     ];
-    if let Ok(c) = farmgate_netboot::dhcp_server::DhcpServerConfig::from_interface(
-        &config.private_interface,
-        config.executor_port,
-    ) {
+    if let Some(Ok(c)) = private {
         nets.push((std::net::IpAddr::V4(c.server_ip), c.prefix_len));
     }
     tracing::info!(
@@ -359,10 +378,11 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
             shutdown.cancel();
         });
     }
+    let private = private_net(&config);
     let tokens = farmgate_api::Tokens {
         admin: Some(admin_token(&config)?),
         submit: config.submit_token.clone(),
-        dut_networks: dut_networks(&config),
+        dut_networks: dut_networks(&config, private.as_ref()),
     };
     let salad = farmgate_console::Salad::start(
         farmgate_console::SaladConfig {
@@ -456,16 +476,26 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         let (exec, salad, sd) = (exec.clone(), salad.clone(), shutdown.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            // The MaRS snapshot whose machines all have their ports: nothing to do until
+            // the file (or a registration) gives a new one.
+            let mut done: Option<Arc<farmgate_wire::MarsDb>> = None;
             loop {
                 tokio::select! {
                     _ = sd.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                for id in exec.mars().duts.keys() {
+                let mars = exec.mars();
+                if done.as_ref().is_some_and(|d| Arc::ptr_eq(d, &mars)) {
+                    continue;
+                }
+                let mut all = true;
+                for id in mars.duts.keys() {
                     if let Err(e) = salad.ensure_machine(id) {
                         tracing::debug!(machine = %id, "no console relay: {e}");
+                        all = false;
                     }
                 }
+                done = all.then_some(mars);
             }
         });
     }
@@ -522,21 +552,8 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
     // DHCP on the DUTs' network, when there is one (PRIVATE_INTERFACE).
     let dhcp = if config.boots_disable_servers {
         None
-    } else if !std::path::Path::new("/sys/class/net")
-        .join(&config.private_interface)
-        .exists()
-    {
-        tracing::info!(
-            "no interface {:?} (PRIVATE_INTERFACE): no DHCP served",
-            config.private_interface
-        );
-        None
-    } else {
-        let mut cfg = farmgate_netboot::dhcp_server::DhcpServerConfig::from_interface(
-            &config.private_interface,
-            config.executor_port,
-        )
-        .map_err(|e| anyhow::anyhow!("DHCP on PRIVATE_INTERFACE: {e}"))?;
+    } else if let Some(private) = private {
+        let mut cfg = private.map_err(|e| anyhow::anyhow!("DHCP on PRIVATE_INTERFACE: {e}"))?;
         cfg.leases_file = Some(config.state_dir.join("dhcp-leases.json"));
         let server = farmgate_netboot::dhcp_server::DhcpServer::bind(cfg)
             .await
@@ -567,6 +584,12 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
             }
         });
         Some(local)
+    } else {
+        tracing::info!(
+            "no interface {:?} (PRIVATE_INTERFACE): no DHCP served",
+            config.private_interface
+        );
+        None
     };
     tracing::info!(
         farm = %config.farm_name,
