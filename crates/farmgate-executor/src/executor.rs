@@ -114,15 +114,28 @@ struct Inner {
 struct JobSpace {
     bucket: String,
     access_key: String,
+    /// The client sent a share directory: the bucket is archived for it at the end.
+    #[serde(default)]
+    shared: bool,
+}
+
+/// A job id a client chose: 1 to 128 of `[A-Za-z0-9_.-]` (it names files and buckets).
+fn check_job_id(id: &str) -> Result<(), ExecError> {
+    if id.is_empty()
+        || id.len() > 128
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(ExecError::BadRequest(format!(
+            "job id {id:?}: use 1 to 128 letters, digits, '-', '_' or '.'"
+        )));
+    }
+    Ok(())
 }
 
 fn jobspace_key(job_id: &str) -> String {
     format!("jobspace:{job_id}")
-}
-
-/// Marks a job submitted with a share directory (its bucket is archived at the end).
-fn share_key(job_id: &str) -> String {
-    format!("share:{job_id}")
 }
 
 /// How long the archive of a job's bucket waits for its client.
@@ -659,17 +672,18 @@ impl Executor {
             let bucket = crate::jobspace::bucket_name(dut_id, job_id);
             match storage.create_space(&bucket) {
                 Ok((access_key, secret_key)) => {
+                    let share =
+                        crate::jobspace::share_archive(&self.inner.config.state_dir, job_id, false);
                     let space = JobSpace {
                         bucket: bucket.clone(),
                         access_key: access_key.clone(),
+                        shared: share.exists(),
                     };
                     let _ = store.kv_set(
                         &jobspace_key(job_id),
                         serde_json::to_string(&space).ok().as_deref(),
                     );
-                    let share =
-                        crate::jobspace::share_archive(&self.inner.config.state_dir, job_id, false);
-                    if share.exists() {
+                    if space.shared {
                         let imported = storage.import_archive(&bucket, &share);
                         let _ = std::fs::remove_file(&share);
                         match imported {
@@ -907,7 +921,6 @@ impl Executor {
         };
         let store = self.inner.store.clone();
         let out = crate::jobspace::share_archive(&self.inner.config.state_dir, job_id, true);
-        let shared = store.kv_get(&share_key(job_id)).ok().flatten().is_some();
         let job_id = job_id.to_string();
         tokio::task::spawn_blocking(move || {
             if let Some(dir) = out.parent() {
@@ -915,7 +928,7 @@ impl Executor {
                 crate::jobspace::sweep_old_archives(dir, SHARE_ARCHIVE_KEPT);
             }
             // What the job left in its bucket goes back to the client (farmctl -s).
-            if shared {
+            if space.shared {
                 match storage.export_archive(&space.bucket, &out) {
                     Ok(n) => {
                         tracing::debug!(job_id, files = n, "job bucket archived for the client")
@@ -924,7 +937,6 @@ impl Executor {
                         tracing::warn!(job_id, bucket = %space.bucket, "cannot archive the job's bucket: {e}")
                     }
                 }
-                let _ = store.kv_set(&share_key(&job_id), None);
             }
             match storage.remove_space(&space.bucket, &space.access_key) {
                 Ok(()) => {
@@ -1230,16 +1242,7 @@ impl Executor {
             .job_id
             .get_or_insert_with(|| new_job_id(JobKind::User))
             .clone();
-        if !job_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            || job_id.is_empty()
-            || job_id.len() > 128
-        {
-            return Err(ExecError::BadRequest(format!(
-                "job id {job_id:?}: use 1 to 128 letters, digits, '-', '_' or '.'"
-            )));
-        }
+        check_job_id(&job_id)?;
         // Saved before the job exists: it may be dispatched at once.
         let path = crate::jobspace::share_archive(&self.inner.config.state_dir, &job_id, false);
         let write = path
@@ -1253,13 +1256,8 @@ impl Executor {
             )));
         }
         let accepted = self.submit(template, metadata);
-        match &accepted {
-            Ok(_) => {
-                let _ = self.inner.store.kv_set(&share_key(&job_id), Some("1"));
-            }
-            Err(_) => {
-                let _ = std::fs::remove_file(&path);
-            }
+        if accepted.is_err() {
+            let _ = std::fs::remove_file(&path);
         }
         accepted
     }
@@ -1291,16 +1289,7 @@ impl Executor {
         let target = metadata.target.clone().unwrap_or(job.target.clone());
         let job_id = match &metadata.job_id {
             Some(id) => {
-                if id.is_empty()
-                    || id.len() > 128
-                    || !id
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                {
-                    return Err(ExecError::BadRequest(format!(
-                        "job id {id:?}: use 1 to 128 letters, digits, '-', '_' or '.'"
-                    )));
-                }
+                check_job_id(id)?;
                 id.clone()
             }
             None => new_job_id(JobKind::User),
