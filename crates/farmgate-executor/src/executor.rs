@@ -1243,6 +1243,13 @@ impl Executor {
             .get_or_insert_with(|| new_job_id(JobKind::User))
             .clone();
         check_job_id(&job_id)?;
+        // A resubmission of an accepted job (a client retrying after a lost answer) must
+        // not touch that job's archive.
+        if matches!(self.inner.store.get_job(&job_id), Ok(Some(_))) {
+            return Err(ExecError::Conflict(format!(
+                "a job with id {job_id} already exists"
+            )));
+        }
         // Saved before the job exists: it may be dispatched at once.
         let path = crate::jobspace::share_archive(&self.inner.config.state_dir, &job_id, false);
         let write = path

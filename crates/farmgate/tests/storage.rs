@@ -102,6 +102,22 @@ print(json.dumps({"ok": True}))"#,
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // The same job id again (a client retrying) is refused and leaves the job alone.
+    let again = gw
+        .farmctl_run(
+            &[
+                "run",
+                "-j",
+                "bucket-job-1",
+                "-s",
+                path_str(&share),
+                path_str(&job),
+            ],
+            LIMIT,
+        )
+        .await;
+    assert_eq!(again.code, Some(7), "{}", again.all());
+    assert!(again.stderr.contains("already exists"), "{}", again.all());
     let words: Vec<&str> = line.split_whitespace().collect();
     let i = words.iter().position(|w| *w == "S3").expect("S3 word");
     let (url, bucket, ak, sk) = (words[i + 1], words[i + 2], words[i + 3], words[i + 4]);
