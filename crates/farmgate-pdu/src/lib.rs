@@ -15,6 +15,7 @@
 //!
 //! Every network or process operation has a timeout, so a dead PDU never blocks forever.
 
+mod command;
 mod config;
 pub mod dummy;
 mod error;

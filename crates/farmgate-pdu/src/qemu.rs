@@ -38,7 +38,6 @@
 //!   arguments; `timeout` (seconds, default 20) bounds starting and stopping.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -390,32 +389,11 @@ impl QemuDriver {
 
     async fn run(&self, program: &str, args: &[String], action: &str) -> Result<(), PowerError> {
         let shown = format!("{program} {}", args.join(" "));
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| self.fail(action, &shown, format!("could not be started: {e}")))?;
-        let out = tokio::time::timeout(self.timeout, child.wait_with_output())
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        crate::command::run_bounded(&self.pdu, cmd, &shown, action, self.timeout)
             .await
-            .map_err(|_| PowerError::Timeout {
-                pdu: self.pdu.clone(),
-                addr: format!("command {program}"),
-                action: action.to_string(),
-                timeout: self.timeout,
-            })?
-            .map_err(|e| self.fail(action, &shown, format!("could not be waited for: {e}")))?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            return Err(self.fail(
-                action,
-                &shown,
-                format!("failed ({}): {}", out.status, stderr.trim()),
-            ));
-        }
-        Ok(())
+            .map(|_| ())
     }
 
     fn kvm_usable(&self) -> bool {

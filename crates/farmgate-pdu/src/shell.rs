@@ -10,7 +10,6 @@
 //!
 //! Port ids must match `[A-Za-z0-9_.-]+`, so substituting them cannot inject shell syntax.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -125,56 +124,13 @@ impl ShellDriver {
     /// Runs `template` for `port_id` and returns its standard output.
     async fn run(&self, template: &str, port_id: &str, action: &str) -> Result<String, PowerError> {
         let command = template.replace("{port}", port_id);
-        let fail = |reason: String| PowerError::Command {
-            pdu: self.pdu.clone(),
-            action: action.to_string(),
-            command: command.clone(),
-            reason,
-        };
-        let child = Command::new("sh")
-            .arg("-c")
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
             .arg(&command)
             .env("FARMGATE_PDU", &self.pdu)
-            .env("FARMGATE_PDU_PORT", port_id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| fail(format!("could not be started: {e}")))?;
-        let output = tokio::time::timeout(self.timeout, child.wait_with_output())
-            .await
-            .map_err(|_| PowerError::Timeout {
-                pdu: self.pdu.clone(),
-                addr: format!("command {command:?}"),
-                action: action.to_string(),
-                timeout: self.timeout,
-            })?
-            .map_err(|e| fail(format!("could not be waited for: {e}")))?;
-        tracing::debug!(pdu = %self.pdu, %command, status = %output.status, "shell PDU command");
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            let stderr = tail(stderr.trim(), 500);
-            return Err(fail(if stderr.is_empty() {
-                format!("failed ({})", output.status)
-            } else {
-                format!("failed ({}): {stderr}", output.status)
-            }));
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+            .env("FARMGATE_PDU_PORT", port_id);
+        crate::command::run_bounded(&self.pdu, cmd, &command, action, self.timeout).await
     }
-}
-
-/// The last `max` bytes of `s`, cut at a character boundary.
-fn tail(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut start = s.len() - max;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    &s[start..]
 }
 
 #[async_trait]
