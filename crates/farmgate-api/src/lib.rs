@@ -342,21 +342,31 @@ async fn boot_file(
         }
         other => ApiError::new(StatusCode::FORBIDDEN, format!("boot file {path}: {other}")),
     })?;
-    let file = tokio::fs::File::open(&file_path)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, format!("boot file {path}: {e}")))?;
-    let len = file
-        .metadata()
-        .await
-        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, format!("boot file {path}: {e}")))?
-        .len();
+    stream_file(
+        &file_path,
+        "application/octet-stream",
+        &format!("boot file {path}"),
+    )
+    .await
+}
+
+/// A file as a streamed response with its length; `what` names it in errors (404).
+async fn stream_file(
+    path: &std::path::Path,
+    content_type: &'static str,
+    what: &str,
+) -> ApiResult<Response> {
+    let not_found =
+        |e: std::io::Error| ApiError::new(StatusCode::NOT_FOUND, format!("{what}: {e}"));
+    let file = tokio::fs::File::open(path).await.map_err(not_found)?;
+    let len = file.metadata().await.map_err(not_found)?.len();
     let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
         file,
         256 * 1024,
     ));
     Ok((
         [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_TYPE, content_type.to_string()),
             (header::CONTENT_LENGTH, len.to_string()),
         ],
         body,
@@ -590,11 +600,7 @@ async fn job_share(
             format!("job {id} has no share archive (yet): it is written when the job is over"),
         )
     })?;
-    let file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, format!("share of job {id}: {e}")))?;
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
-    Ok(([(header::CONTENT_TYPE, "application/gzip")], body).into_response())
+    stream_file(&path, "application/gzip", &format!("share of job {id}")).await
 }
 
 async fn get_job(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
