@@ -134,6 +134,28 @@ fn check_job_id(id: &str) -> Result<(), ExecError> {
     Ok(())
 }
 
+/// Who sent a DHCP request, as the DHCP server tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DhcpClient {
+    /// A PXE ROM (option 93 without iPXE's user class).
+    Firmware,
+    /// iPXE.
+    Ipxe,
+    /// Anything else, e.g. the booted kernel's DHCP client.
+    Os,
+}
+
+impl DhcpClient {
+    /// Classifies a request by its iPXE user class and its PXE architecture option.
+    pub fn of(is_ipxe: bool, pxe_arch: Option<u16>) -> DhcpClient {
+        match (is_ipxe, pxe_arch) {
+            (true, _) => DhcpClient::Ipxe,
+            (false, Some(_)) => DhcpClient::Firmware,
+            (false, None) => DhcpClient::Os,
+        }
+    }
+}
+
 fn jobspace_key(job_id: &str) -> String {
     format!("jobspace:{job_id}")
 }
@@ -1723,11 +1745,15 @@ impl Executor {
         }
     }
 
-    /// A DHCP request from a DUT on the private network. `client` says who asked:
-    /// `firmware` (a PXE ROM), `iPXE`, or `OS` (anything else, e.g. the booted kernel's
-    /// DHCP client). For a machine running a job it is written in the job's log: a
-    /// request from the firmware or iPXE is where the firmware boot is known complete.
-    pub fn note_dhcp_request(&self, mac: &str, client: &str, address: Option<std::net::Ipv4Addr>) {
+    /// A DHCP request from a DUT on the private network, from `client`. For a machine
+    /// running a job it is written in the job's log: a request from the firmware or
+    /// iPXE is where the firmware boot is known complete.
+    pub fn note_dhcp_request(
+        &self,
+        mac: &str,
+        client: DhcpClient,
+        address: Option<std::net::Ipv4Addr>,
+    ) {
         let id = mac.to_lowercase();
         let current = lock(&self.inner.sched)
             .duts
@@ -1736,12 +1762,14 @@ impl Executor {
         let addr = address
             .map(|a| format!(" (address {a})"))
             .unwrap_or_default();
-        tracing::debug!(machine = %id, client, ?address, "DHCP request");
+        tracing::debug!(machine = %id, ?client, ?address, "DHCP request");
         if let Some(job_id) = current {
-            let text = if client == "OS" {
-                format!("DHCP request from the DUT's OS{addr}")
-            } else {
-                format!("firmware boot complete: DHCP request from {client}{addr}")
+            let text = match client {
+                DhcpClient::Os => format!("DHCP request from the DUT's OS{addr}"),
+                DhcpClient::Firmware => {
+                    format!("firmware boot complete: DHCP request from firmware{addr}")
+                }
+                DhcpClient::Ipxe => format!("firmware boot complete: DHCP request from iPXE{addr}"),
             };
             if let Err(e) = self
                 .inner

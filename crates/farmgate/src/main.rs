@@ -572,12 +572,11 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
                 {
                     map.insert(std::net::IpAddr::V4(a), s.mac.clone());
                 }
-                let client = match (s.is_ipxe, s.arch) {
-                    (true, _) => "iPXE",
-                    (false, Some(_)) => "firmware",
-                    (false, None) => "OS",
-                };
-                exec.note_dhcp_request(&s.mac, client, s.address);
+                exec.note_dhcp_request(
+                    &s.mac,
+                    farmgate_executor::executor::DhcpClient::of(s.is_ipxe, s.arch),
+                    s.address,
+                );
             };
             if let Err(e) = server.serve(sd, seen).await {
                 tracing::error!("DHCP server stopped: {e}");
