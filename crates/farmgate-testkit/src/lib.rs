@@ -23,6 +23,7 @@
 
 mod console;
 mod machine;
+pub mod ports;
 pub mod script;
 
 use std::collections::BTreeMap;

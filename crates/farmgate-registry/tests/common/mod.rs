@@ -34,11 +34,7 @@ pub fn sha256_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
-/// A free loopback port chosen by the OS.
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
-    l.local_addr().expect("local address").port()
-}
+pub use farmgate_testkit::ports::free_port;
 
 /// Waits (bounded) until GET http://127.0.0.1:port/v2/ answers.
 pub async fn wait_http(port: u16, what: &str) {
@@ -62,6 +58,33 @@ pub async fn wait_http(port: u16, what: &str) {
     }
 }
 
+/// Waits (bounded) until GET https://127.0.0.1:port/v2/ answers, trusting `ca_pem`.
+pub async fn wait_https(port: u16, ca_pem: &[u8], what: &str) {
+    let ca = reqwest::Certificate::from_pem(ca_pem).expect("test CA is PEM");
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .expect("https client");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let last = match client
+            .get(format!("https://127.0.0.1:{port}/v2/"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() || r.status().as_u16() == 401 => return,
+            Ok(r) => format!("status {}", r.status()),
+            Err(e) => format!("{e:?}"),
+        };
+        assert!(
+            Instant::now() < deadline,
+            "{what} on port {port} did not come up within 20 s (last: {last})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A `docker-registry serve` process with filesystem storage in a temp dir; killed on drop.
 pub struct DockerRegistry {
     child: Child,
@@ -73,6 +96,19 @@ pub struct DockerRegistry {
 impl DockerRegistry {
     /// Starts a plain registry, or a pull-through proxy of `proxy_of` (a URL).
     pub async fn start(proxy_of: Option<&str>) -> DockerRegistry {
+        Self::start_inner(proxy_of, None).await
+    }
+
+    /// Starts a plain registry serving HTTPS with `cert`/`key` (PEM files); `ca_pem` is the
+    /// CA that signed `cert`, used to wait for it.
+    pub async fn start_tls(cert: &Path, key: &Path, ca_pem: &[u8]) -> DockerRegistry {
+        Self::start_inner(None, Some((cert, key, ca_pem))).await
+    }
+
+    async fn start_inner(
+        proxy_of: Option<&str>,
+        tls: Option<(&Path, &Path, &[u8])>,
+    ) -> DockerRegistry {
         need_tools();
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
@@ -83,6 +119,13 @@ impl DockerRegistry {
              http:\n  addr: 127.0.0.1:{port}\n",
             storage.display()
         );
+        if let Some((cert, key, _)) = tls {
+            cfg.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ));
+        }
         if let Some(remote) = proxy_of {
             cfg.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
         }
@@ -104,7 +147,10 @@ impl DockerRegistry {
             log,
             _dir: dir,
         };
-        wait_http(port, "docker-registry").await;
+        match tls {
+            None => wait_http(port, "docker-registry").await,
+            Some((_, _, ca)) => wait_https(port, ca, "docker-registry (TLS)").await,
+        }
         reg
     }
 
@@ -216,26 +262,50 @@ impl Drop for CountingProxy {
 pub struct CacheServer {
     pub cache: RegistryCache,
     pub port: u16,
-    pub dir: tempfile::TempDir,
+    /// Holds `cache/`; shared with a restarted server on the same directory.
+    pub dir: Arc<tempfile::TempDir>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// The configuration [`CacheServer::start`] uses, in `dir/cache`.
+pub fn cache_config(
+    dir: &Path,
+    upstreams: Vec<(&str, String)>,
+    tag_ttl: Duration,
+) -> RegistryConfig {
+    RegistryConfig {
+        dir: dir.join("cache"),
+        upstreams: upstreams
+            .into_iter()
+            .map(|(prefix, url)| Upstream {
+                prefix: prefix.to_owned(),
+                url,
+            })
+            .collect(),
+        tag_ttl,
+        upstream_timeout: Duration::from_secs(10),
+        max_size: None,
+        extra_ca_pem: Vec::new(),
+    }
 }
 
 impl CacheServer {
     pub async fn start(upstreams: Vec<(&str, String)>, tag_ttl: Duration) -> CacheServer {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let cache = RegistryCache::open(RegistryConfig {
-            dir: dir.path().join("cache"),
-            upstreams: upstreams
-                .into_iter()
-                .map(|(prefix, url)| Upstream {
-                    prefix: prefix.to_owned(),
-                    url,
-                })
-                .collect(),
-            tag_ttl,
-            upstream_timeout: Duration::from_secs(10),
-        })
-        .expect("opening the registry cache");
+        Self::start_with(upstreams, tag_ttl, None, |_| {}).await
+    }
+
+    /// Like [`CacheServer::start`], in `dir` (a fresh one when `None`: pass an old server's
+    /// `dir` to restart on its cache), with `tweak` applied to the configuration.
+    pub async fn start_with(
+        upstreams: Vec<(&str, String)>,
+        tag_ttl: Duration,
+        dir: Option<Arc<tempfile::TempDir>>,
+        tweak: impl FnOnce(&mut RegistryConfig),
+    ) -> CacheServer {
+        let dir = dir.unwrap_or_else(|| Arc::new(tempfile::tempdir().expect("temp dir")));
+        let mut cfg = cache_config(dir.path(), upstreams, tag_ttl);
+        tweak(&mut cfg);
+        let cache = RegistryCache::open(cfg).expect("opening the registry cache");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("cache bind");
         let port = listener.local_addr().expect("cache addr").port();
         let router = cache.router();
@@ -273,7 +343,8 @@ pub struct Image {
 
 /// Deterministic pseudo-random bytes (xorshift), incompressible for gzip.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
+    // Spread the seed first: `seed | 1` alone gives seeds 2n and 2n+1 the same bytes.
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         x ^= x << 13;

@@ -6,7 +6,6 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,21 +20,7 @@ pub const S3_ADMIN: (&str, &str) = (
     "farmgate-test-admin-secret-0123456789",
 );
 
-/// A free TCP port on loopback (bound then released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A free UDP port on loopback (bound then released).
-pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("a free UDP port")
-}
+pub use farmgate_testkit::ports::{free_port, free_udp_port};
 
 pub fn farmgate_exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_farmgate"))
