@@ -5,14 +5,16 @@
 # Besides the build tools: QEMU and its iPXE ROMs (the virtual DUTs), a Debian kernel
 # and busybox (farmgate-mkinitramfs builds the DUTs' initramfs from them), and the real
 # clients and peers the tests and benchmarks talk to (DHCP and TFTP clients, dnsmasq,
-# ser2net) and the S3 and registry clients (s3cmd, boto3, aws-cli, skopeo, docker-registry).
+# ser2net), the S3 and registry clients and peers (s3cmd, boto3, aws-cli, moto's S3
+# server, skopeo, podman, docker-registry, openssl for test certificates) and net-snmp's
+# agent and tools (snmpd, snmpget) for the SNMP PDU drivers.
 set -euo pipefail
 
 need_apt=()
 for pkg in gcc pkg-config curl python3 iproute2 \
     qemu-system-x86 ipxe-qemu ipxe busybox-static linux-image-amd64 \
     udhcpc isc-dhcp-client tftp-hpa dnsmasq-base ser2net python3-boto3 s3cmd \
-    skopeo docker-registry; do
+    skopeo docker-registry podman openssl snmpd snmp; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -23,10 +25,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 
-# S3 clients of the object store's tests: aws-cli and boto3 for the python3 on PATH.
-if ! python3 -c "import boto3, awscli" >/dev/null 2>&1 || ! command -v aws >/dev/null 2>&1; then
-    echo "setup: installing aws-cli and boto3 (PyPI)"
-    python3 -m pip install --quiet awscli boto3
+# S3 clients of the object store's tests (aws-cli and boto3 for the python3 on PATH) and
+# moto's S3 server, the external store of the remote-mode tests.
+if ! python3 -c "import boto3, awscli, moto.server" >/dev/null 2>&1 || ! command -v aws >/dev/null 2>&1; then
+    echo "setup: installing aws-cli, boto3 and moto[server] (PyPI)"
+    python3 -m pip install --quiet awscli boto3 'moto[server]'
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -101,6 +101,8 @@ fn authorize_dut(state: &AppState, headers: &HeaderMap, peer: SocketAddr) -> Api
 struct AppState {
     exec: Executor,
     tokens: Tokens,
+    /// Where `storage.http` URLs are fetched through (download once for every DUT).
+    cache: Option<farmgate_cache::ArtifactCache>,
 }
 
 /// An error answer.
@@ -211,8 +213,16 @@ fn authorize(state: &AppState, headers: &HeaderMap, role: Role) -> ApiResult<()>
 }
 
 /// The executor's router (seed 001 paths).
-pub fn executor_router(exec: Executor, tokens: Tokens) -> Router {
-    let state = AppState { exec, tokens };
+pub fn executor_router(
+    exec: Executor,
+    tokens: Tokens,
+    cache: Option<farmgate_cache::ArtifactCache>,
+) -> Router {
+    let state = AppState {
+        exec,
+        tokens,
+        cache,
+    };
     Router::new()
         .route("/api/v1/duts", get(list_duts))
         .route("/api/v1/dut", post(register_dut).put(register_dut))
@@ -390,6 +400,12 @@ async fn storage_file(
             Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
         }
         farmgate_executor::storage::StorageContent::Url(url) => {
+            let range = headers.get(header::RANGE).cloned();
+            if let Some(cache) = &st.cache
+                && let Some(resp) = cache.fetch(&url, range).await
+            {
+                return Ok(storage_answer_from_cache(&path, &url, resp).await);
+            }
             let bad_gateway = |e: String| {
                 ApiError::new(
                     StatusCode::BAD_GATEWAY,
@@ -415,6 +431,35 @@ async fn storage_file(
             Ok(resp)
         }
     }
+}
+
+/// A storage file served by the artifact cache: its answer as is (Range and
+/// `X-Cache` included), except that a failure names the job's storage path too.
+async fn storage_answer_from_cache(path: &str, url: &str, resp: Response) -> Response {
+    if resp.status().is_success() || resp.status() == StatusCode::RANGE_NOT_SATISFIABLE {
+        return resp;
+    }
+    let status = resp.status();
+    // The cache's error answers are one short line of text.
+    let said = axum::body::to_bytes(resp.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let mut msg =
+        format!("storage file {path}: fetching {url} through the artifact cache failed ({status})");
+    if !said.is_empty() {
+        msg.push_str(": ");
+        msg.push_str(&said);
+    }
+    ApiError::new(
+        if status.is_server_error() {
+            StatusCode::BAD_GATEWAY
+        } else {
+            status
+        },
+        msg,
+    )
+    .into_response()
 }
 
 /// Query of `boot.ipxe`: what iPXE reports of itself (`?arch=${buildarch}&platform=${platform}`).

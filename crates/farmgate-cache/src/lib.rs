@@ -558,6 +558,21 @@ impl ArtifactCache {
             .with_state(self.clone())
     }
 
+    /// Serves `url` through the cache, as `GET /cache?url=<url>` would: from disk, by
+    /// joining a download in progress, or by starting one. For other parts of the gateway
+    /// that fetch URLs on a client's behalf (a job's `storage.http` files).
+    ///
+    /// `None` when the cache does not take this URL (not http(s), credentials in it, or
+    /// a host outside the allowlist): the caller fetches it directly.
+    pub async fn fetch(&self, url: &str, range: Option<HeaderValue>) -> Option<Response> {
+        let t = key::parse_target(url).ok()?;
+        let host = t.url.host_str()?;
+        if !key::host_allowed(host, self.inner.cfg.allow_hosts.as_deref()) {
+            return None;
+        }
+        Some(self.serve(t, false, range).await)
+    }
+
     /// Current statistics.
     pub fn stats(&self) -> CacheStats {
         let (entries, bytes) = {

@@ -612,7 +612,11 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         api,
         cache
             .router()
-            .merge(farmgate_api::executor_router(exec, tokens))
+            .merge(farmgate_api::executor_router(
+                exec,
+                tokens,
+                Some(cache.clone()),
+            ))
             .into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(async move { sd.cancelled().await })

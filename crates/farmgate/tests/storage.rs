@@ -206,7 +206,7 @@ print(json.dumps({{"put": put, "got": got, "shared": shared, "mine": mine, "othe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn artifact_cache_and_registry_cache_answer_on_the_gateway() {
-    let gw = Gateway::start(GatewayOptions::default()).await;
+    let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
     // A local origin: python's http.server over a directory with one artifact.
     let origin_dir = gw.dir.path().join("origin");
     std::fs::create_dir_all(&origin_dir).expect("origin dir");
@@ -242,18 +242,84 @@ async fn artifact_cache_and_registry_cache_answer_on_the_gateway() {
             .expect("curl runs");
         (status.success(), std::fs::read(&out).unwrap_or_default())
     };
+    // A job whose storage.http names a URL: the DUT's first fetch downloads it through
+    // the artifact cache, so later fetches (by any DUT or through /cache/) are hits.
+    let mut job_text = sim_job("print storage ready; sleep 8000; poweroff", "", "");
+    job_text.push_str(&format!(
+        "    storage:\n      http:\n        - path: 'img/(.*)'\n          url: 'http://127.0.0.1:{origin_port}/\\1'\n"
+    ));
+    let job = gw.write_job("storage-url.yml.j2", &job_text);
+    let mut farmctl = gw
+        .farmctl(&["run", "-j", "storage-url-1", path_str(&job)])
+        .spawn()
+        .expect("farmctl starts");
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let log = gw.get_text("/api/v1/job/storage-url-1/console.log").await;
+        if log.contains("storage ready") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job not running:\n{log}\n{}",
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dut_file = "/api/v1/dut/52:54:00:11:22:01/storage/img/kernel.img".to_string();
+    let (ok, body) = fetch(dut_file.clone());
+    assert!(
+        ok && body == artifact,
+        "the DUT's storage file, first fetch"
+    );
+    let stats: serde_json::Value = gw.get_json("/cache-stats").await;
+    assert_eq!(
+        stats["misses"], 1,
+        "the storage URL went through the cache: {stats}"
+    );
+    let part = std::process::Command::new("curl")
+        .args(["-s", "--fail", "--max-time", "30", "-r", "1000-1999"])
+        .arg(format!("{}{dut_file}", gw.url()))
+        .output()
+        .expect("curl runs");
+    assert!(part.status.success(), "range request on a storage file");
+    assert_eq!(part.stdout, artifact[1000..2000], "the range asked for");
     let (ok, body) = fetch(format!("/cache/{url}"));
-    assert!(ok && body == artifact, "first fetch through the cache");
+    assert!(
+        ok && body == artifact,
+        "first fetch through /cache/ is a hit"
+    );
     let (ok, body) = fetch(format!("/cache?url={url}"));
     assert!(ok && body == artifact, "second fetch, ?url= form");
     let _ = origin.kill();
     let _ = origin.wait();
-    // The origin is gone: the cache serves from disk.
+    // The origin is gone: the cache serves from disk, to the DUT too.
     let (ok, body) = fetch(format!("/cache/{url}"));
     assert!(ok && body == artifact, "served from disk");
+    let (ok, body) = fetch(dut_file);
+    assert!(ok && body == artifact, "storage file served from disk");
     let stats: serde_json::Value = gw.get_json("/cache-stats").await;
     assert_eq!(stats["misses"], 1, "{stats}");
-    assert_eq!(stats["hits"], 2, "{stats}");
+    assert_eq!(stats["hits"], 5, "{stats}");
+    // A storage URL the cache has never seen, with its origin gone: a clear error
+    // naming the storage path and the URL.
+    let missing = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "30"])
+        .arg(format!(
+            "{}/api/v1/dut/52:54:00:11:22:01/storage/img/other.img",
+            gw.url()
+        ))
+        .output()
+        .expect("curl runs");
+    let said = String::from_utf8_lossy(&missing.stdout);
+    assert!(
+        said.contains("storage file img/other.img")
+            && said.contains(&format!("127.0.0.1:{origin_port}/other.img")),
+        "{said}"
+    );
+    let r = gw.farmctl_run(&["cancel", "storage-url-1"], LIMIT).await;
+    assert_eq!(r.code, Some(0), "{}", r.all());
+    let _ = farmctl.wait();
     // The registry cache speaks the OCI distribution API on its port.
     let r = gw
         .http
