@@ -319,7 +319,11 @@ async fn artifact_cache_and_registry_cache_answer_on_the_gateway() {
     );
     let r = gw.farmctl_run(&["cancel", "storage-url-1"], LIMIT).await;
     assert_eq!(r.code, Some(0), "{}", r.all());
-    let _ = farmctl.wait();
+    let status = tokio::time::timeout(LIMIT, farmctl.wait())
+        .await
+        .expect("farmctl ends after the cancel")
+        .expect("farmctl status");
+    assert!(!status.success(), "a cancelled job is not a success: {status}");
     // The registry cache speaks the OCI distribution API on its port.
     let r = gw
         .http
