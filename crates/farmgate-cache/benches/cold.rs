@@ -313,6 +313,7 @@ fn main() -> Result<(), String> {
             ttl: Duration::from_secs(3600),
             allow_hosts: None,
             upstream_timeout: Duration::from_secs(30),
+            extra_ca_pem: Vec::new(),
         })
         .map_err(|e| e.to_string())?;
         let gw = servers.block_on(async {

@@ -82,6 +82,9 @@ pub struct CacheConfig {
     pub allow_hosts: Option<Vec<String>>,
     /// Upstream connect timeout and idle timeout (longest wait for the next bytes).
     pub upstream_timeout: Duration,
+    /// PEM certificates (one bundle per entry) trusted for https upstreams besides the
+    /// built-in roots: a private artifact server with its own CA.
+    pub extra_ca_pem: Vec<Vec<u8>>,
 }
 
 /// Everything that can go wrong, each mapped to an HTTP status by [`CacheError::status`].
@@ -523,11 +526,30 @@ impl ArtifactCache {
             }
             attempt.follow()
         });
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(cfg.upstream_timeout)
             .read_timeout(cfg.upstream_timeout)
             .redirect(policy)
-            .no_proxy()
+            .no_proxy();
+        for (i, pem) in cfg.extra_ca_pem.iter().enumerate() {
+            let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+                CacheError::Client(format!(
+                    "extra CA certificate bundle #{}: {}",
+                    i + 1,
+                    error_chain(&e)
+                ))
+            })?;
+            if certs.is_empty() {
+                return Err(CacheError::Client(format!(
+                    "extra CA certificate bundle #{}: no PEM certificate in it",
+                    i + 1
+                )));
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let client = builder
             .build()
             .map_err(|e| CacheError::Client(error_chain(&e)))?;
         let cache = ArtifactCache {

@@ -92,6 +92,9 @@ pub struct GatewayConfig {
     /// `FARMGATE_DEFAULT_PDU_OFF_DELAY`: `pdu_off_delay` given to machines that register
     /// themselves (seconds, default 30 as in seed 001; virtual machines need none).
     pub default_pdu_off_delay: f64,
+    /// `FARMGATE_PDU_POLL_INTERVAL`: seconds between two reads of every PDU's ports
+    /// (default 1). A PDU failing 3 polls in a row counts as not answering.
+    pub pdu_poll_interval: Duration,
     /// `BOOTS_DEFAULT_*`: every default boot variable, by its full name.
     pub boots_defaults: BTreeMap<String, String>,
     /// `CONSOLE_PATTERN_DEFAULT_MACHINE_UNFIT_FOR_SERVICE_REGEX`: farm-wide unfit pattern.
@@ -177,6 +180,19 @@ pub struct StorageConfig {
     /// `FARMGATE_REGISTRY_TAG_TTL`: seconds a tag is trusted before it is checked
     /// upstream again (default 300).
     pub registry_tag_ttl: Duration,
+    /// `FARMGATE_REGISTRY_MAX_SIZE`: size bound of the registry cache's blobs (least
+    /// recently used go first; `K`/`M`/`G`/`T` suffixes; default: unbounded).
+    pub registry_max_bytes: Option<u64>,
+    /// `MINIO_URL`: an external S3 store (MinIO, Garage, Ceph, AWS) holding the objects;
+    /// the gateway's S3 endpoint checks the keys and forwards there, re-signed with
+    /// `MINIO_ROOT_USER`/`MINIO_ROOT_PASSWORD` (then required). Default: local disk.
+    pub s3_remote_url: Option<String>,
+    /// `FARMGATE_S3_REGION`: the region of the S3 endpoint and of the external store
+    /// (default us-east-1).
+    pub s3_region: String,
+    /// `FARMGATE_EXTRA_CA_FILE`: PEM certificates trusted, besides the usual roots, for
+    /// https upstreams of the caches (a private registry or artifact server).
+    pub extra_ca_file: Option<PathBuf>,
 }
 
 /// Default upstreams of the registry cache.
@@ -226,6 +242,23 @@ impl StorageConfig {
                 ));
             }
         };
+        let s3_remote_url = get("MINIO_URL");
+        if let Some(url) = &s3_remote_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    "MINIO_URL",
+                    url,
+                    "expected an http:// or https:// URL",
+                ));
+            }
+            if s3_admin.is_none() {
+                return Err(invalid(
+                    "MINIO_URL",
+                    url,
+                    "an external store needs its credentials in MINIO_ROOT_USER and MINIO_ROOT_PASSWORD",
+                ));
+            }
+        }
         let registry_upstreams = get("FARMGATE_REGISTRY_UPSTREAMS")
             .unwrap_or_else(|| DEFAULT_REGISTRY_UPSTREAMS.into())
             .split(',')
@@ -271,6 +304,22 @@ impl StorageConfig {
                 .unwrap_or_else(|| state_dir.join("registry")),
             registry_upstreams,
             registry_tag_ttl: Duration::from_secs(parse_or(env, "FARMGATE_REGISTRY_TAG_TTL", 300)?),
+            registry_max_bytes: match get("FARMGATE_REGISTRY_MAX_SIZE") {
+                Some(v) => match parse_size("FARMGATE_REGISTRY_MAX_SIZE", &v)? {
+                    0 => {
+                        return Err(invalid(
+                            "FARMGATE_REGISTRY_MAX_SIZE",
+                            &v,
+                            "must be more than 0 (leave it unset for no bound)",
+                        ));
+                    }
+                    n => Some(n),
+                },
+                None => None,
+            },
+            s3_remote_url,
+            s3_region: get("FARMGATE_S3_REGION").unwrap_or_else(|| "us-east-1".into()),
+            extra_ca_file: get("FARMGATE_EXTRA_CA_FILE").map(PathBuf::from),
         })
     }
 }
@@ -373,6 +422,17 @@ impl GatewayConfig {
                 }
                 d
             },
+            pdu_poll_interval: {
+                let d: f64 = parse_or(env, "FARMGATE_PDU_POLL_INTERVAL", 1.0)?;
+                if !(d.is_finite() && (0.05..=3600.0).contains(&d)) {
+                    return Err(ConfigError::Invalid {
+                        name: "FARMGATE_PDU_POLL_INTERVAL".into(),
+                        value: d.to_string(),
+                        why: "expected a number of seconds between 0.05 and 3600".into(),
+                    });
+                }
+                Duration::from_secs_f64(d)
+            },
             boots_defaults,
             default_unfit_regex,
             bootloop_job: get("EXECUTOR_BOOTLOOP_JOB").map(PathBuf::from),
@@ -395,6 +455,12 @@ impl GatewayConfig {
     /// Directory of the per-DUT lock files held by job runners.
     pub fn locks_dir(&self) -> PathBuf {
         self.state_dir.join("locks")
+    }
+
+    /// Directory of the PDU locks: one file per PDU, held by whichever process (the
+    /// daemon or a job runner) is talking to that PDU.
+    pub fn pdu_locks_dir(&self) -> PathBuf {
+        self.state_dir.join("pdu-locks")
     }
 
     /// Directory of the job runners' own logs.

@@ -92,7 +92,7 @@ impl Fetch {
 }
 
 /// Runs a download to the end (whether or not clients still listen), then removes it from
-/// the in-flight table.
+/// the in-flight table. A stored blob may make older ones be evicted.
 pub(crate) async fn run(
     inner: Arc<Inner>,
     up: Upstream,
@@ -109,6 +109,9 @@ pub(crate) async fn run(
     match result {
         Ok(()) => {
             tracing::info!(digest = %digest, upstream = %up.prefix, "registry cache: blob stored");
+            let size = fetch.state.borrow().written;
+            inner.blobs.insert(digest.hex(), size);
+            evict(&inner).await;
             fetch.state.send_modify(|s| s.phase = Phase::Done);
         }
         Err(e) => {
@@ -131,6 +134,25 @@ pub(crate) async fn run(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(digest.hex());
+}
+
+/// Keeps the store within its bound (before the clients of the new blob see it complete,
+/// so a finished pull has left the store within the bound).
+async fn evict(inner: &Arc<Inner>) {
+    let inner2 = inner.clone();
+    match tokio::task::spawn_blocking(move || inner2.blobs.evict(&inner2.dir)).await {
+        Ok(ev) => {
+            inner
+                .stats
+                .evicted_blobs
+                .fetch_add(ev.blobs, Ordering::Relaxed);
+            inner
+                .stats
+                .evicted_bytes
+                .fetch_add(ev.bytes, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!("registry cache: eviction task failed: {e}"),
+    }
 }
 
 async fn download(

@@ -10,9 +10,20 @@
 //!
 //! Layout of [`RegistryConfig::dir`]: `blobs/sha256/<2 hex>/<64 hex>`,
 //! `manifests/sha256/<64 hex>` (+ `.type`), `tags/<sha256>.json`, `tmp/`.
+//!
+//! With [`RegistryConfig::max_size`], the blobs are kept within that many bytes: when a
+//! newly cached blob takes the store over it, the least recently used blobs (last fetched
+//! or served; a blob file's mtime is set on every GET served from it, so the order
+//! survives restarts) are deleted, except blobs a client is reading or waiting for right
+//! now. Manifests and tag records are small and are neither counted nor evicted.
+//!
+//! HTTPS upstreams are verified against the webpki root certificates plus
+//! [`RegistryConfig::extra_ca_pem`]; an upstream whose certificate is not trusted makes
+//! requests fail with a 502 whose message names the upstream and says so.
 
 mod blob;
 mod error;
+mod lru;
 pub mod path;
 mod upstream;
 
@@ -60,6 +71,13 @@ pub struct RegistryConfig {
     pub tag_ttl: Duration,
     /// Connect and answer timeout for upstream requests (also the longest pause in a body).
     pub upstream_timeout: Duration,
+    /// Bound on the bytes of cached blobs (`None`: unbounded). Least recently used blobs not
+    /// in use are deleted when a new blob takes the store over it; manifests do not count.
+    pub max_size: Option<u64>,
+    /// Extra CA certificates trusted for HTTPS upstreams, each entry PEM text holding one
+    /// or more certificates (as read from a `.pem`/`.crt` file), added to the built-in
+    /// webpki roots.
+    pub extra_ca_pem: Vec<Vec<u8>>,
 }
 
 /// Counters since the cache was opened.
@@ -77,6 +95,12 @@ pub struct RegistryStats {
     pub coalesced: u64,
     /// Body bytes received from upstreams (manifests and blobs).
     pub upstream_bytes: u64,
+    /// Blobs deleted to keep the store within [`RegistryConfig::max_size`].
+    pub evicted_blobs: u64,
+    /// Bytes of the blobs deleted to keep the store within [`RegistryConfig::max_size`].
+    pub evicted_bytes: u64,
+    /// Bytes of complete blobs in the store now.
+    pub blob_store_bytes: u64,
 }
 
 #[derive(Default)]
@@ -87,6 +111,8 @@ struct Stats {
     blob_misses: AtomicU64,
     coalesced: AtomicU64,
     upstream_bytes: AtomicU64,
+    evicted_blobs: AtomicU64,
+    evicted_bytes: AtomicU64,
 }
 
 /// The pull-through cache; cheap to clone (shared state).
@@ -101,6 +127,8 @@ pub(crate) struct Inner {
     tag_ttl: Duration,
     upstream: UpstreamClient,
     stats: Stats,
+    /// Complete blobs with their sizes and recency; pins of blobs in use.
+    blobs: Arc<lru::BlobIndex>,
     /// Blob downloads in progress, by hex digest.
     inflight: Mutex<HashMap<String, Arc<blob::Fetch>>>,
     /// One lock per manifest key being fetched, so concurrent pulls fetch it once.
@@ -182,13 +210,26 @@ impl RegistryCache {
                 );
             }
         }
+        if cfg.max_size == Some(0) {
+            return Err(RegistryError::Config(
+                "max_size is 0: no blob could be kept (use None for no bound)".into(),
+            ));
+        }
+        let upstream = UpstreamClient::new(cfg.upstream_timeout, &cfg.extra_ca_pem)?;
+        let blobs = Arc::new(lru::BlobIndex::scan(&cfg.dir, cfg.max_size)?);
+        let stats = Stats::default();
+        // The bound may have been lowered since the last run.
+        let ev = blobs.evict(&cfg.dir);
+        stats.evicted_blobs.store(ev.blobs, Ordering::Relaxed);
+        stats.evicted_bytes.store(ev.bytes, Ordering::Relaxed);
         Ok(RegistryCache {
             inner: Arc::new(Inner {
                 dir: cfg.dir,
                 upstreams: cfg.upstreams,
                 tag_ttl: cfg.tag_ttl,
-                upstream: UpstreamClient::new(cfg.upstream_timeout)?,
-                stats: Stats::default(),
+                upstream,
+                stats,
+                blobs,
                 inflight: Mutex::new(HashMap::new()),
                 manifest_locks: Mutex::new(HashMap::new()),
                 seq: AtomicU64::new(0),
@@ -216,6 +257,9 @@ impl RegistryCache {
             blob_misses: s.blob_misses.load(Ordering::Relaxed),
             coalesced: s.coalesced.load(Ordering::Relaxed),
             upstream_bytes: s.upstream_bytes.load(Ordering::Relaxed),
+            evicted_blobs: s.evicted_blobs.load(Ordering::Relaxed),
+            evicted_bytes: s.evicted_bytes.load(Ordering::Relaxed),
+            blob_store_bytes: self.inner.blobs.total(),
         }
     }
 }
@@ -763,28 +807,30 @@ impl Inner {
         client_auth: Option<HeaderValue>,
     ) -> Result<Response, RegistryError> {
         enum Source {
-            File,
-            Fetch(Arc<blob::Fetch>),
+            File(lru::Pin),
+            Fetch(Arc<blob::Fetch>, lru::Pin),
             Absent,
         }
         let final_path = digest.blob_path(&self.dir);
+        let get = *method == Method::GET;
         let source = {
             let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(f) = map.get(digest.hex()) {
-                if *method == Method::GET {
+                if get {
                     self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
                 }
-                Source::Fetch(f.clone())
-            } else if final_path.is_file() {
-                if *method == Method::GET {
+                Source::Fetch(f.clone(), self.blobs.pin(digest.hex()))
+            } else if let Some(pin) = self.blobs.pin_present(digest.hex(), get) {
+                if get {
                     self.stats.blob_hits.fetch_add(1, Ordering::Relaxed);
                 }
-                Source::File
+                Source::File(pin)
             } else if *method == Method::HEAD {
                 Source::Absent
             } else {
                 let seq = self.seq.fetch_add(1, Ordering::Relaxed);
                 let fetch = Arc::new(blob::Fetch::create(&self.dir, digest, seq)?);
+                let pin = self.blobs.pin(digest.hex());
                 map.insert(digest.hex().to_owned(), fetch.clone());
                 self.stats.blob_misses.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(blob::run(
@@ -795,27 +841,35 @@ impl Inner {
                     fetch.clone(),
                     client_auth.clone(),
                 ));
-                Source::Fetch(fetch)
+                Source::Fetch(fetch, pin)
             }
         };
         let (len, body) = match source {
-            Source::File => {
-                let file = tokio::fs::File::open(&final_path)
-                    .await
-                    .map_err(io_err("open", &final_path))?;
-                let len = file
-                    .metadata()
-                    .await
-                    .map_err(io_err("stat", &final_path))?
-                    .len();
-                let body = if *method == Method::HEAD {
-                    Body::empty()
+            Source::File(pin) => {
+                let (file, len) = match open_blob(&final_path, get).await {
+                    Ok(f) => f,
+                    Err(e) => {
+                        if let RegistryError::Io { source, .. } = &e
+                            && source.kind() == std::io::ErrorKind::NotFound
+                        {
+                            // Deleted behind the cache's back: the next request fetches it.
+                            self.blobs.forget(digest.hex());
+                        }
+                        return Err(e);
+                    }
+                };
+                let body = if get {
+                    // The pin lives as long as the body: no eviction while it streams.
+                    Body::from_stream(file_stream(file).map(move |c| {
+                        let _in_use = &pin;
+                        c
+                    }))
                 } else {
-                    Body::from_stream(file_stream(file))
+                    Body::empty()
                 };
                 (Some(len), body)
             }
-            Source::Fetch(fetch) => {
+            Source::Fetch(fetch, pin) => {
                 let mut rx = fetch.subscribe();
                 let st = rx
                     .wait_for(|s| !matches!(s.phase, blob::Phase::Connecting))
@@ -834,7 +888,10 @@ impl Inner {
                 let body = if *method == Method::HEAD {
                     Body::empty()
                 } else {
-                    Body::from_stream(blob::reader(fetch.file(), rx))
+                    Body::from_stream(blob::reader(fetch.file(), rx).map(move |c| {
+                        let _in_use = &pin;
+                        c
+                    }))
                 };
                 (len, body)
             }
@@ -888,6 +945,35 @@ impl Inner {
 fn digest_header(d: &Digest) -> HeaderValue {
     // "sha256:" + 64 hex digits is always a valid header value.
     HeaderValue::from_str(&d.to_string()).unwrap_or(HeaderValue::from_static("invalid"))
+}
+
+/// Opens a complete cached blob and returns it with its length; `touch` sets its mtime to
+/// now, which records the use across restarts.
+async fn open_blob(
+    path: &std::path::Path,
+    touch: bool,
+) -> Result<(tokio::fs::File, u64), RegistryError> {
+    let p = path.to_owned();
+    let r = tokio::task::spawn_blocking(move || -> Result<_, RegistryError> {
+        let file = std::fs::File::open(&p).map_err(io_err("open", &p))?;
+        let len = file.metadata().map_err(io_err("stat", &p))?.len();
+        if touch && let Err(e) = file.set_modified(SystemTime::now()) {
+            tracing::warn!(
+                "registry cache: cannot record the use of {} (mtime): {e}",
+                p.display()
+            );
+        }
+        Ok((tokio::fs::File::from_std(file), len))
+    })
+    .await;
+    match r {
+        Ok(r) => r,
+        Err(e) => Err(RegistryError::Io {
+            action: "open",
+            path: path.to_owned(),
+            source: std::io::Error::other(e),
+        }),
+    }
 }
 
 /// Streams a complete cached file.

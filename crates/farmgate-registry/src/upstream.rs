@@ -32,10 +32,33 @@ pub(crate) fn describe(up: &Upstream) -> String {
 }
 
 impl UpstreamClient {
-    pub(crate) fn new(timeout: Duration) -> Result<UpstreamClient, RegistryError> {
-        let http = reqwest::Client::builder()
+    /// A client trusting the built-in roots plus the PEM certificates of `extra_ca_pem`.
+    pub(crate) fn new(
+        timeout: Duration,
+        extra_ca_pem: &[Vec<u8>],
+    ) -> Result<UpstreamClient, RegistryError> {
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(timeout)
-            .user_agent(concat!("farmgate-registry/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("farmgate-registry/", env!("CARGO_PKG_VERSION")));
+        for (i, pem) in extra_ca_pem.iter().enumerate() {
+            let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+                RegistryError::Config(format!(
+                    "extra CA certificate #{} is not PEM: {}",
+                    i + 1,
+                    error_chain(&e)
+                ))
+            })?;
+            if certs.is_empty() {
+                return Err(RegistryError::Config(format!(
+                    "extra CA certificate #{} holds no PEM CERTIFICATE block",
+                    i + 1
+                )));
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let http = builder
             .build()
             .map_err(|e| RegistryError::Config(format!("cannot build the HTTP client: {e}")))?;
         Ok(UpstreamClient {
@@ -123,7 +146,7 @@ impl UpstreamClient {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(RegistryError::Upstream {
                 upstream: describe(up),
-                message: format!("{method} {url} failed: {}", error_chain(&e)),
+                message: format!("{method} {url} failed: {}", explain(&e)),
             }),
             Err(_) => Err(RegistryError::Upstream {
                 upstream: describe(up),
@@ -179,7 +202,7 @@ impl UpstreamClient {
                     self.timeout
                 ))
             })?
-            .map_err(|e| err(format!("token endpoint {url}: {}", error_chain(&e))))?;
+            .map_err(|e| err(format!("token endpoint {url}: {}", explain(&e))))?;
         let status = resp.status();
         if !status.is_success() {
             let s = status.as_u16();
@@ -252,6 +275,24 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// The cause chain of a failed request, led by a plain statement when it is a TLS
+/// certificate rejection (the chain alone reads like `invalid peer certificate:
+/// UnknownIssuer`).
+fn explain(e: &reqwest::Error) -> String {
+    let chain = error_chain(e);
+    if chain.contains("invalid peer certificate") || chain.contains("InvalidCertificate") {
+        let why = if chain.contains("UnknownIssuer") {
+            "the upstream's TLS certificate is not trusted (signed by an unknown CA; \
+             add that CA to the cache's extra CA certificates)"
+        } else {
+            "the upstream's TLS certificate was rejected"
+        };
+        format!("TLS handshake failed: {why}: {chain}")
+    } else {
+        chain
+    }
 }
 
 /// A parsed `WWW-Authenticate` challenge.

@@ -31,7 +31,7 @@ use crate::{
 /// Largest clock difference accepted between a client and the store.
 const MAX_SKEW_SECS: i64 = 15 * 60;
 /// Largest XML request body read (DeleteObjects of 1000 long keys fits).
-const MAX_XML_BODY: usize = 4 << 20;
+pub(crate) const MAX_XML_BODY: usize = 4 << 20;
 const OWNER_ID: &str = "farmgate";
 
 pub(crate) fn router(store: S3Store) -> Router {
@@ -41,13 +41,13 @@ pub(crate) fn router(store: S3Store) -> Router {
 /// An S3 error response.
 #[derive(Debug)]
 pub(crate) struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -55,7 +55,7 @@ impl ApiError {
         }
     }
 
-    fn bad(code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn bad(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
@@ -123,6 +123,10 @@ impl From<S3Error> for ApiError {
             S3Error::BucketNotEmpty { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "BucketNotEmpty", msg)
             }
+            S3Error::Remote { .. } => {
+                tracing::warn!(error = %msg, "external S3 store failed");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", msg)
+            }
             S3Error::AccessKeyExists { .. }
             | S3Error::NoSuchAccessKey { .. }
             | S3Error::InvalidCredentials { .. }
@@ -139,14 +143,18 @@ impl From<S3Error> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 async fn handle(State(store): State<S3Store>, req: Request) -> Response {
     let request_id = random_hex(8).to_uppercase();
     let head = req.method() == Method::HEAD;
     let resource = req.uri().path().to_string();
     let method = req.method().clone();
-    let mut resp = match dispatch(&store, req).await {
+    let result = match store.remote() {
+        Some(remote) => crate::remote::proxy(&store, remote, req).await,
+        None => dispatch(&store, req).await,
+    };
+    let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(%method, %resource, code = e.code, message = %e.message, "S3 error");
@@ -162,15 +170,15 @@ async fn handle(State(store): State<S3Store>, req: Request) -> Response {
 }
 
 /// How the request body is to be read and checked.
-enum Payload {
+pub(crate) enum Payload {
     Unsigned,
     Sha256(String),
     Chunked(Option<ChunkSigner>),
 }
 
-struct Auth {
-    identity: Identity,
-    payload: Payload,
+pub(crate) struct Auth {
+    pub(crate) identity: Identity,
+    pub(crate) payload: Payload,
 }
 
 fn parse_amz_date(s: &str) -> Option<DateTime<Utc>> {
@@ -179,7 +187,7 @@ fn parse_amz_date(s: &str) -> Option<DateTime<Utc>> {
         .map(|n| n.and_utc())
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -215,7 +223,7 @@ fn signature_mismatch(access_key: &str) -> ApiError {
     )
 }
 
-fn authenticate(store: &S3Store, parts: &Parts, now: DateTime<Utc>) -> ApiResult<Auth> {
+pub(crate) fn authenticate(store: &S3Store, parts: &Parts, now: DateTime<Utc>) -> ApiResult<Auth> {
     let raw_query = parts.uri.query().unwrap_or("");
     let method = parts.method.as_str();
     let uri = sigv4::canonical_uri(parts.uri.path());
@@ -301,9 +309,9 @@ fn authenticate(store: &S3Store, parts: &Parts, now: DateTime<Utc>) -> ApiResult
             payload_hash,
         );
         let scope = a.scope();
-        let sts = sigv4::string_to_sign(&datetime, &scope, &creq);
-        let key = sigv4::signing_key(&secret, &a.date, &a.region, &a.service);
-        if !sigv4::constant_time_eq(&sigv4::sign(&key, &sts), &a.signature) {
+        let (expected, key) =
+            sigv4::signature_of(&secret, &a.date, &a.region, &a.service, &datetime, &creq);
+        if !sigv4::constant_time_eq(&expected, &a.signature) {
             tracing::debug!(canonical_request = %creq, "SigV4 mismatch");
             return Err(signature_mismatch(&a.access_key));
         }
@@ -397,10 +405,8 @@ fn authenticate(store: &S3Store, parts: &Parts, now: DateTime<Utc>) -> ApiResult
         &signed_header_values(parts, &names),
         payload_hash,
     );
-    let scope = format!("{date}/{region}/{service}/aws4_request");
-    let sts = sigv4::string_to_sign(datetime, &scope, &creq);
-    let key = sigv4::signing_key(&secret, &date, &region, &service);
-    if !sigv4::constant_time_eq(&sigv4::sign(&key, &sts), signature) {
+    let (expected, _) = sigv4::signature_of(&secret, &date, &region, &service, datetime, &creq);
+    if !sigv4::constant_time_eq(&expected, signature) {
         tracing::debug!(canonical_request = %creq, "SigV4 (presigned) mismatch");
         return Err(signature_mismatch(&access_key));
     }
@@ -413,7 +419,7 @@ fn authenticate(store: &S3Store, parts: &Parts, now: DateTime<Utc>) -> ApiResult
 }
 
 /// Reads the request body as it is decoded and checked.
-struct BodyReader {
+pub(crate) struct BodyReader {
     stream: BodyDataStream,
     expected_sha: Option<String>,
     sha: Sha256,
@@ -424,7 +430,7 @@ struct BodyReader {
 }
 
 impl BodyReader {
-    fn new(body: Body, payload: Payload, headers: &HeaderMap) -> Self {
+    pub(crate) fn new(body: Body, payload: Payload, headers: &HeaderMap) -> Self {
         let (expected_sha, decoder) = match payload {
             Payload::Unsigned => (None, None),
             Payload::Sha256(h) => (Some(h), None),
@@ -443,7 +449,7 @@ impl BodyReader {
     }
 
     /// The next piece of decoded body, or None at its (checked) end.
-    async fn next(&mut self) -> ApiResult<Option<Bytes>> {
+    pub(crate) async fn next(&mut self) -> ApiResult<Option<Bytes>> {
         if self.done {
             return Ok(None);
         }
@@ -513,7 +519,7 @@ impl BodyReader {
         }
     }
 
-    async fn read_all(&mut self, limit: usize) -> ApiResult<Vec<u8>> {
+    pub(crate) async fn read_all(&mut self, limit: usize) -> ApiResult<Vec<u8>> {
         let mut out = Vec::new();
         while let Some(b) = self.next().await? {
             if out.len() + b.len() > limit {
@@ -545,7 +551,7 @@ impl Drop for TempGuard {
     }
 }
 
-fn base64(data: &[u8]) -> String {
+pub(crate) fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
@@ -642,7 +648,7 @@ fn meta_from_headers(headers: &HeaderMap, etag: String) -> ObjectMeta {
     }
 }
 
-fn xml_response(status: StatusCode, body: String) -> Response {
+pub(crate) fn xml_response(status: StatusCode, body: String) -> Response {
     let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -658,7 +664,7 @@ fn empty(status: StatusCode) -> Response {
     resp
 }
 
-fn set_header(resp: &mut Response, name: &str, value: &str) {
+pub(crate) fn set_header(resp: &mut Response, name: &str, value: &str) {
     if let (Ok(n), Ok(v)) = (
         axum::http::HeaderName::from_bytes(name.as_bytes()),
         HeaderValue::from_str(value),
@@ -673,7 +679,7 @@ fn iso8601(t: SystemTime) -> String {
         .to_string()
 }
 
-fn authorize(identity: &Identity, bucket: &str) -> ApiResult<()> {
+pub(crate) fn authorize(identity: &Identity, bucket: &str) -> ApiResult<()> {
     if identity.may_access(bucket) {
         return Ok(());
     }
@@ -866,7 +872,7 @@ async fn dispatch(store: &S3Store, req: Request) -> ApiResult<Response> {
     }
 }
 
-fn owner(w: &mut XmlWriter, name: &str) {
+pub(crate) fn owner(w: &mut XmlWriter, name: &str) {
     w.open(name)
         .elem("ID", OWNER_ID)
         .elem("DisplayName", OWNER_ID)

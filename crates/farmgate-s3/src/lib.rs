@@ -10,8 +10,14 @@
 //! - `<root>/.farmgate-keys.json` (mode 0600): the restricted access keys.
 //!
 //! Bucket names start with a letter or digit, so none of these names can be a bucket.
+//!
+//! Remote mode ([`S3Config::remote`]): the objects live in an external S3 store. The HTTP
+//! API still authenticates and authorizes every request here (admin or restricted keys),
+//! then forwards it to the store re-signed with the store's credentials, streaming bodies
+//! both ways; the synchronous methods call the store too. Only the keys file is local.
 
 mod http;
+mod remote;
 pub mod sigv4;
 mod xml;
 
@@ -54,6 +60,21 @@ pub struct S3Config {
     pub region: String,
     /// The administrator's credentials: every bucket, every operation.
     pub admin: Credentials,
+    /// When set, "remote mode": objects live in this external S3 store and the HTTP API
+    /// proxies every authenticated request to it; `root` then only holds the keys file.
+    pub remote: Option<RemoteStore>,
+}
+
+/// An external S3-compatible store (MinIO, Garage, Ceph RGW, AWS) that holds the objects in
+/// remote mode. Requests are sent path-style and signed with SigV4.
+#[derive(Debug, Clone)]
+pub struct RemoteStore {
+    /// The store's base URL, e.g. `http://127.0.0.1:9000` (a path prefix is allowed).
+    pub url: String,
+    /// The region requests are signed for (e.g. "us-east-1").
+    pub region: String,
+    /// The credentials of the store (never shown to the gateway's clients).
+    pub creds: Credentials,
 }
 
 impl S3Config {
@@ -63,6 +84,7 @@ impl S3Config {
             root: root.into(),
             region: "us-east-1".to_string(),
             admin,
+            remote: None,
         }
     }
 }
@@ -155,6 +177,15 @@ pub enum S3Error {
         /// The file.
         path: PathBuf,
         /// What is wrong with it.
+        reason: String,
+    },
+    /// The external S3 store (remote mode) could not be reached or answered an error that
+    /// has no variant of its own.
+    #[error("external S3 store {url}: {reason}")]
+    Remote {
+        /// The store's URL.
+        url: String,
+        /// What went wrong (connection error, or the store's status, code and message).
         reason: String,
     },
     /// A file-system operation failed.
@@ -346,6 +377,7 @@ struct Inner {
     region: String,
     admin: Credentials,
     keys: RwLock<HashMap<String, KeyEntry>>,
+    remote: Option<remote::Remote>,
 }
 
 /// The object store: buckets and objects on disk, access keys, and the S3 HTTP API
@@ -368,14 +400,25 @@ const KEYS_FILE: &str = ".farmgate-keys.json";
 
 impl S3Store {
     /// Opens (creating if needed) the store at `cfg.root` and loads the restricted keys.
+    /// In remote mode only `cfg.root` (for the keys file) is created, and the external
+    /// store is not contacted (it may come up later).
     pub fn open(cfg: S3Config) -> Result<S3Store, S3Error> {
         check_credentials(&cfg.admin)?;
-        for dir in [
-            cfg.root.clone(),
-            cfg.root.join(".meta"),
-            cfg.root.join(".uploads"),
-            cfg.root.join(".tmp"),
-        ] {
+        let remote = match &cfg.remote {
+            Some(r) => Some(remote::Remote::new(r)?),
+            None => None,
+        };
+        let dirs = if remote.is_some() {
+            vec![cfg.root.clone()]
+        } else {
+            vec![
+                cfg.root.clone(),
+                cfg.root.join(".meta"),
+                cfg.root.join(".uploads"),
+                cfg.root.join(".tmp"),
+            ]
+        };
+        for dir in dirs {
             fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
         }
         let keys_path = cfg.root.join(KEYS_FILE);
@@ -395,10 +438,12 @@ impl S3Store {
             Err(e) => return Err(io_err("read", &keys_path)(e)),
         }
         // Leftovers of writes interrupted by a stop.
-        let tmp = cfg.root.join(".tmp");
-        if let Ok(entries) = fs::read_dir(&tmp) {
-            for e in entries.flatten() {
-                let _ = fs::remove_file(e.path());
+        if remote.is_none() {
+            let tmp = cfg.root.join(".tmp");
+            if let Ok(entries) = fs::read_dir(&tmp) {
+                for e in entries.flatten() {
+                    let _ = fs::remove_file(e.path());
+                }
             }
         }
         Ok(S3Store {
@@ -407,6 +452,7 @@ impl S3Store {
                 region: cfg.region,
                 admin: cfg.admin,
                 keys: RwLock::new(keys),
+                remote,
             }),
         })
     }
@@ -414,6 +460,15 @@ impl S3Store {
     /// The S3 REST API (path-style: `/<bucket>/<key>`), SigV4-authenticated.
     pub fn router(&self) -> axum::Router {
         http::router(self.clone())
+    }
+
+    /// The external store's URL in remote mode, None in local mode.
+    pub fn remote_url(&self) -> Option<&str> {
+        self.inner.remote.as_ref().map(|r| r.url())
+    }
+
+    pub(crate) fn remote(&self) -> Option<&remote::Remote> {
+        self.inner.remote.as_ref()
     }
 
     /// The root directory.
@@ -429,6 +484,9 @@ impl S3Store {
     /// Creates a bucket; an error if it exists already.
     pub fn create_bucket(&self, bucket: &str) -> Result<(), S3Error> {
         validate_bucket_name(bucket)?;
+        if let Some(r) = self.remote() {
+            return r.create_bucket(bucket);
+        }
         let dir = self.inner.root.join(bucket);
         match fs::create_dir(&dir) {
             Ok(()) => {}
@@ -444,9 +502,15 @@ impl S3Store {
         Ok(())
     }
 
-    /// Whether the bucket exists.
+    /// Whether the bucket exists (in remote mode: false too when the store cannot be asked).
     pub fn bucket_exists(&self, bucket: &str) -> bool {
-        validate_bucket_name(bucket).is_ok() && self.inner.root.join(bucket).is_dir()
+        if validate_bucket_name(bucket).is_err() {
+            return false;
+        }
+        if let Some(r) = self.remote() {
+            return r.bucket_exists(bucket).unwrap_or(false);
+        }
+        self.inner.root.join(bucket).is_dir()
     }
 
     pub(crate) fn require_bucket(&self, bucket: &str) -> Result<PathBuf, S3Error> {
@@ -500,6 +564,10 @@ impl S3Store {
 
     /// Deletes a bucket with all its objects and unfinished multipart uploads.
     pub fn delete_bucket_recursive(&self, bucket: &str) -> Result<(), S3Error> {
+        if let Some(r) = self.remote() {
+            validate_bucket_name(bucket)?;
+            return r.delete_bucket_recursive(bucket);
+        }
         let dir = self.require_bucket(bucket)?;
         fs::remove_dir_all(&dir).map_err(io_err("delete bucket directory", &dir))?;
         let meta = self.inner.root.join(".meta").join(bucket);
@@ -609,6 +677,11 @@ impl S3Store {
 
     /// Stores an object (for the gateway itself), atomically.
     pub fn put_object(&self, bucket: &str, key: &str, data: &[u8]) -> Result<(), S3Error> {
+        if let Some(r) = self.remote() {
+            validate_bucket_name(bucket)?;
+            validate_key(key)?;
+            return r.put_object(bucket, key, data);
+        }
         self.object_path(bucket, key)?;
         self.require_bucket(bucket)?;
         let (tmp, mut file) = self.temp_file()?;
@@ -631,6 +704,10 @@ impl S3Store {
 
     /// The keys and sizes of a bucket's objects, sorted by key.
     pub fn list_objects(&self, bucket: &str) -> Result<Vec<(String, u64)>, S3Error> {
+        if let Some(r) = self.remote() {
+            validate_bucket_name(bucket)?;
+            return r.list_objects(bucket);
+        }
         Ok(self
             .object_infos(bucket)?
             .into_iter()
@@ -646,11 +723,59 @@ impl S3Store {
         Ok(out)
     }
 
+    /// Writes an object's content to `out`; returns the number of bytes written. Streams
+    /// (never holds the whole object in memory), in both modes.
+    pub fn read_object_to(
+        &self,
+        bucket: &str,
+        key: &str,
+        out: &mut dyn Write,
+    ) -> Result<u64, S3Error> {
+        validate_bucket_name(bucket)?;
+        validate_key(key)?;
+        if let Some(r) = self.remote() {
+            return r.read_object_to(bucket, key, out);
+        }
+        let path = self.object_path(bucket, key)?;
+        self.object_meta(bucket, key)?;
+        let mut f = fs::File::open(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => S3Error::NoSuchKey {
+                bucket: bucket.to_string(),
+                key: key.to_string(),
+            },
+            _ => io_err("open", &path)(e),
+        })?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0u64;
+        loop {
+            let n = f.read(&mut buf).map_err(io_err("read", &path))?;
+            if n == 0 {
+                return Ok(total);
+            }
+            out.write_all(&buf[..n]).map_err(|e| S3Error::Io {
+                action: format!("write the content of object {bucket}/{key} to the output"),
+                path: path.clone(),
+                source: e,
+            })?;
+            total += n as u64;
+        }
+    }
+
     /// The file of an object: the bucket name and key are validated, and the path is
-    /// always inside the root (whether or not the object exists).
+    /// always inside the root (whether or not the object exists). In remote mode objects
+    /// are not on local disk: an [`S3Error::Remote`] (use [`S3Store::read_object_to`]).
     pub fn object_path(&self, bucket: &str, key: &str) -> Result<PathBuf, S3Error> {
         validate_bucket_name(bucket)?;
         validate_key(key)?;
+        if let Some(r) = self.remote() {
+            return Err(S3Error::Remote {
+                url: r.url().to_string(),
+                reason: format!(
+                    "object {bucket}/{key} is in the external store, not on local disk \
+                     (read it with read_object_to)"
+                ),
+            });
+        }
         let path = self.inner.root.join(bucket).join(key);
         // Defence in depth: validation already rules these out.
         let escapes = Path::new(key)

@@ -116,6 +116,104 @@ pub(crate) struct CompletePart {
     pub etag: String,
 }
 
+/// An S3 error body (`<Error><Code>..</Code><Message>..</Message></Error>`).
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct ErrorBody {
+    #[serde(rename = "Code", default)]
+    pub code: String,
+    #[serde(rename = "Message", default)]
+    pub message: String,
+}
+
+/// ListBuckets result, as an external store answers it.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListAllMyBuckets {
+    #[serde(rename = "Buckets", default)]
+    pub buckets: BucketList,
+}
+
+/// The `<Buckets>` of a ListBuckets result.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct BucketList {
+    #[serde(rename = "Bucket", default)]
+    pub bucket: Vec<BucketEntry>,
+}
+
+/// One bucket of a ListBuckets result.
+#[derive(Debug, Deserialize)]
+pub(crate) struct BucketEntry {
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "CreationDate", default)]
+    pub creation_date: String,
+}
+
+/// ListObjectsV2 result, as an external store answers it.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListBucketResult {
+    #[serde(rename = "Contents", default)]
+    pub contents: Vec<ListedObject>,
+    #[serde(rename = "IsTruncated", default)]
+    pub is_truncated: bool,
+    #[serde(rename = "NextContinuationToken", default)]
+    pub next_continuation_token: Option<String>,
+}
+
+/// One object of a listing.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListedObject {
+    #[serde(rename = "Key")]
+    pub key: String,
+    #[serde(rename = "Size", default)]
+    pub size: u64,
+}
+
+/// ListMultipartUploads result, as an external store answers it.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListUploadsResult {
+    #[serde(rename = "Upload", default)]
+    pub uploads: Vec<ListedUpload>,
+}
+
+/// One multipart upload of a ListMultipartUploads result.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListedUpload {
+    #[serde(rename = "Key")]
+    pub key: String,
+    #[serde(rename = "UploadId")]
+    pub upload_id: String,
+}
+
+/// Removes the elements whose name starts with `prefix` (with their content) from an XML
+/// text; used to drop per-part checksums from a CompleteMultipartUpload body.
+pub(crate) fn strip_elements(text: &str, prefix: &str) -> String {
+    let open = format!("<{prefix}");
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(&open) {
+        let after = &rest[start + 1..];
+        let name_len = after
+            .find(|c: char| c == '>' || c == '/' || c.is_whitespace())
+            .unwrap_or(after.len());
+        let name = &after[..name_len];
+        let close = format!("</{name}>");
+        out.push_str(&rest[..start]);
+        if let Some(gt) = after.find('>')
+            && after[..gt].ends_with('/')
+        {
+            rest = &after[gt + 1..];
+        } else if let Some(end) = after.find(&close) {
+            rest = &after[end + close.len()..];
+        } else {
+            // Not well formed: leave the rest as it is.
+            out.push_str(&rest[start..]);
+            return out;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Parses an XML request body into `T`; the error says what is wrong.
 pub(crate) fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, String> {
     let text = std::str::from_utf8(body).map_err(|_| "the XML body is not UTF-8".to_string())?;
@@ -144,6 +242,29 @@ mod tests {
         assert_eq!(c.parts[1].part_number, 2);
         assert_eq!(c.parts[0].etag, "\"aa\"");
         assert!(parse::<CompleteRequest>(b"<CompleteMultipartUpload><Part>").is_err());
+    }
+
+    #[test]
+    fn strips_checksums_and_parses_listings() {
+        let body = "<C><Part><ETag>\"a\"</ETag><ChecksumCRC32>xx==</ChecksumCRC32><PartNumber>1</PartNumber><ChecksumSHA1/></Part></C>";
+        assert_eq!(
+            strip_elements(body, "Checksum"),
+            "<C><Part><ETag>\"a\"</ETag><PartNumber>1</PartNumber></Part></C>"
+        );
+        let l: ListBucketResult = parse(
+            br#"<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name><IsTruncated>true</IsTruncated><Contents><Key>k</Key><Size>5</Size></Contents><NextContinuationToken>t</NextContinuationToken></ListBucketResult>"#,
+        )
+        .expect("valid listing");
+        assert!(l.is_truncated);
+        assert_eq!(l.contents[0].key, "k");
+        assert_eq!(l.contents[0].size, 5);
+        assert_eq!(l.next_continuation_token.as_deref(), Some("t"));
+        let b: ListAllMyBuckets = parse(
+            br#"<ListAllMyBucketsResult><Owner><ID>x</ID></Owner><Buckets><Bucket><Name>a</Name><CreationDate>2024-01-01T00:00:00.000Z</CreationDate></Bucket><Bucket><Name>b</Name></Bucket></Buckets></ListAllMyBucketsResult>"#,
+        )
+        .expect("valid bucket list");
+        assert_eq!(b.buckets.bucket.len(), 2);
+        assert_eq!(b.buckets.bucket[1].name, "b");
     }
 
     #[test]

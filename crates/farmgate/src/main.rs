@@ -291,14 +291,19 @@ impl farmgate_executor::jobspace::JobStorage for S3JobStorage {
             file,
             flate2::Compression::fast(),
         ));
+        let spool = archive.with_extension("object");
         for (key, _) in &objects {
-            let path = self
-                .store
-                .object_path(bucket, key)
-                .map_err(|e| e.to_string())?;
-            tar.append_path_with_name(&path, key)
+            // Each object through a spool file: the store may be local or remote.
+            let mut f =
+                std::fs::File::create(&spool).map_err(|e| format!("{}: {e}", spool.display()))?;
+            self.store
+                .read_object_to(bucket, key, &mut f)
+                .map_err(|e| format!("{key}: {e}"))?;
+            drop(f);
+            tar.append_path_with_name(&spool, key)
                 .map_err(|e| format!("{key}: {e}"))?;
         }
+        let _ = std::fs::remove_file(&spool);
         tar.into_inner()
             .and_then(|gz| gz.finish())
             .map_err(|e| format!("{}: {e}", tmp.display()))?;
@@ -402,13 +407,30 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         None
     } else {
         let (access_key, secret_key) = s3_admin_credentials(&config)?;
+        let admin = farmgate_s3::Credentials {
+            access_key,
+            secret_key,
+        };
+        // With MINIO_URL, the objects live in that store; this endpoint checks the
+        // keys (the admin's, the same as the store's, and the jobs' restricted ones)
+        // and forwards there.
+        let remote = config
+            .storage
+            .s3_remote_url
+            .clone()
+            .map(|url| farmgate_s3::RemoteStore {
+                url,
+                region: config.storage.s3_region.clone(),
+                creds: admin.clone(),
+            });
+        if let Some(r) = &remote {
+            tracing::info!(store = %r.url, "S3 objects are kept in the external store (MINIO_URL)");
+        }
         let store = farmgate_s3::S3Store::open(farmgate_s3::S3Config {
             root: config.storage.s3_dir.clone(),
-            region: "us-east-1".into(),
-            admin: farmgate_s3::Credentials {
-                access_key,
-                secret_key,
-            },
+            region: config.storage.s3_region.clone(),
+            admin,
+            remote,
         })
         .map_err(|e| anyhow::anyhow!("S3 store (FARMGATE_S3_DIR): {e}"))?;
         let listener = bind(&config, config.storage.s3_port, "FARMGATE_S3_PORT").await?;
@@ -427,6 +449,16 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         }) as Arc<dyn farmgate_executor::jobspace::JobStorage>
     });
     let exec = Executor::start_with_storage(config.clone(), shutdown.clone(), job_storage).await?;
+    // Certificates trusted for the caches' https upstreams, besides the usual roots.
+    let extra_ca: Vec<Vec<u8>> = match &config.storage.extra_ca_file {
+        Some(path) => vec![std::fs::read(path).map_err(|e| {
+            anyhow::anyhow!(
+                "FARMGATE_EXTRA_CA_FILE: cannot read {}: {e}",
+                path.display()
+            )
+        })?],
+        None => Vec::new(),
+    };
     // The artifact cache, on the API port at /cache/<url>.
     let cache = farmgate_cache::ArtifactCache::open(farmgate_cache::CacheConfig {
         dir: config.storage.cache_dir.clone(),
@@ -434,6 +466,7 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         ttl: config.storage.cache_ttl,
         allow_hosts: config.storage.cache_allow_hosts.clone(),
         upstream_timeout: std::time::Duration::from_secs(30),
+        extra_ca_pem: extra_ca.clone(),
     })
     .map_err(|e| anyhow::anyhow!("artifact cache (FARMGATE_CACHE_DIR): {e}"))?;
     // The OCI registry cache, on its own port.
@@ -453,6 +486,8 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
                 .collect(),
             tag_ttl: config.storage.registry_tag_ttl,
             upstream_timeout: std::time::Duration::from_secs(30),
+            max_size: config.storage.registry_max_bytes,
+            extra_ca_pem: extra_ca.clone(),
         })
         .map_err(|e| anyhow::anyhow!("registry cache (FARMGATE_REGISTRY_DIR): {e}"))?;
         let listener = bind(

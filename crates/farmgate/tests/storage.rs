@@ -15,6 +15,11 @@ const LIMIT: Duration = Duration::from_secs(90);
 /// Runs a boto3 script against the gateway's S3 endpoint with the given key; the script
 /// sees `s3` (a client) and prints one JSON line, which is returned.
 fn boto3(gw: &Gateway, key: (&str, &str), body: &str) -> serde_json::Value {
+    boto3_at(gw.s3_port, key, body)
+}
+
+/// [`boto3`] against any S3 endpoint on 127.0.0.1.
+fn boto3_at(port: u16, key: (&str, &str), body: &str) -> serde_json::Value {
     let script = format!(
         r#"
 import json, boto3, botocore
@@ -30,7 +35,6 @@ def code(f):
         return e.response["Error"]["Code"]
 {body}
 "#,
-        port = gw.s3_port,
         ak = key.0,
         sk = key.1,
     );
@@ -56,6 +60,68 @@ def code(f):
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_bucket_and_key_serve_only_that_job_and_go_away_at_its_end() {
     let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
+    job_bucket_round_trip(gw, None).await;
+}
+
+/// moto's S3 server (PyPI `moto[server]`), the external store of the remote-mode test.
+struct Moto {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl Moto {
+    async fn start() -> Moto {
+        let port = free_port();
+        let child = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 -m moto.server (scripts/setup.sh installs moto[server])");
+        let moto = Moto { port, child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reqwest::get(format!("http://127.0.0.1:{port}/"))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "moto did not start");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        moto
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_minio_url_job_buckets_live_in_the_external_store() {
+    let moto = Moto::start().await;
+    let gw = Gateway::start(
+        GatewayOptions::default()
+            .dut(1, &["sim"], true)
+            .env("MINIO_URL", &format!("http://127.0.0.1:{}", moto.port))
+            .env("FARMGATE_LOG", "info,farmgate=debug,farmgate_s3=debug"),
+    )
+    .await;
+    job_bucket_round_trip(gw, Some(moto.port)).await;
+}
+
+/// A user job with a share directory: its bucket and key, what they may reach, the
+/// files going in and coming back, and both removed at the end. With `external`, the
+/// objects must be in that S3 store (looked at directly, not through the gateway).
+async fn job_bucket_round_trip(gw: Gateway, external: Option<u16>) {
     // Another bucket, the admin's, with a file the job must not read.
     let r = boto3(
         &gw,
@@ -154,7 +220,29 @@ print(json.dumps({{"put": put, "got": got, "shared": shared, "mine": mine, "othe
     );
     assert_eq!(r["other"], "AccessDenied", "{r}");
     assert_eq!(r["other_put"], "AccessDenied", "{r}");
-    assert_eq!(r["create"], "AccessDenied", "{r}");
+    assert_eq!(r["create"], "AccessDenied", "{r}\n{}", gw.logs());
+    if let Some(port) = external {
+        let direct = boto3_at(
+            port,
+            S3_ADMIN,
+            &format!(
+                r#"b = {bucket:?}
+keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=b).get("Contents", []))
+body = s3.get_object(Bucket=b, Key="results/out.txt")["Body"].read().decode()
+print(json.dumps({{"keys": keys, "body": body}}))"#
+            ),
+        );
+        assert_eq!(
+            direct["keys"],
+            serde_json::json!(["inputs/params.txt", "results/out.txt"]),
+            "the objects are in the external store: {direct}"
+        );
+        assert_eq!(direct["body"], "from the DUT", "{direct}");
+        assert!(
+            !gw.dir.path().join("state/s3").join(bucket).exists(),
+            "no object data on the gateway's disk"
+        );
+    }
 
     let out = tokio::time::timeout(LIMIT, farmctl.wait_with_output())
         .await
@@ -190,7 +278,17 @@ print(json.dumps({{"put": put, "got": got, "shared": shared, "mine": mine, "othe
                 r#"print(json.dumps({{"head": code(lambda: s3.head_bucket(Bucket={bucket:?})), "other": code(lambda: s3.head_bucket(Bucket="admins-own"))}}))"#
             ),
         );
-        if after["job_key"] == "InvalidAccessKeyId" && admin["head"] == "404" {
+        let gone_outside = external.is_none_or(|port| {
+            boto3_at(
+                port,
+                S3_ADMIN,
+                &format!(
+                    r#"print(json.dumps({{"head": code(lambda: s3.head_bucket(Bucket={bucket:?}))}}))"#
+                ),
+            )["head"]
+                == "404"
+        });
+        if after["job_key"] == "InvalidAccessKeyId" && admin["head"] == "404" && gone_outside {
             assert_eq!(admin["other"], "ok", "only the job's bucket goes");
             break;
         }
@@ -323,7 +421,10 @@ async fn artifact_cache_and_registry_cache_answer_on_the_gateway() {
         .await
         .expect("farmctl ends after the cancel")
         .expect("farmctl status");
-    assert!(!status.success(), "a cancelled job is not a success: {status}");
+    assert!(
+        !status.success(),
+        "a cancelled job is not a success: {status}"
+    );
     // The registry cache speaks the OCI distribution API on its port.
     let r = gw
         .http

@@ -218,6 +218,7 @@ pub fn config(dir: &Path) -> CacheConfig {
         ttl: Duration::from_secs(3600),
         allow_hosts: None,
         upstream_timeout: Duration::from_secs(10),
+        extra_ca_pem: Vec::new(),
     }
 }
 
