@@ -95,6 +95,45 @@ enum Command {
         /// Machine id.
         dut_id: String,
     },
+    /// PDUs: drivers, list, add, remove, switch or reserve a port.
+    Pdu {
+        #[command(subcommand)]
+        command: PduCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PduCommand {
+    /// The PDU drivers of the gateway and their configuration keys.
+    Drivers,
+    /// Every PDU with its ports: state, last change, power, energy, reserved.
+    List,
+    /// Add a PDU (admin); the gateway talks to it before adding it.
+    Add {
+        /// Its name.
+        name: String,
+        /// Its driver (see `farmctl pdu drivers`).
+        driver: String,
+        /// Configuration, `key=value` (repeatable; numbers stay text, drivers accept both).
+        #[arg(value_name = "KEY=VALUE")]
+        config: Vec<String>,
+    },
+    /// Remove a PDU that powers no machine (admin).
+    Remove {
+        /// Its name.
+        name: String,
+    },
+    /// Switch a port on or off (returns once it reads back so), or reserve or release it
+    /// (admin).
+    Port {
+        /// The PDU.
+        pdu: String,
+        /// The port id.
+        port: String,
+        /// on, off, reserve or release.
+        #[arg(value_parser = ["on", "off", "reserve", "release"])]
+        action: String,
+    },
 }
 
 struct Client {
@@ -334,9 +373,122 @@ async fn run(client: &Client, command: Command) -> Result<u8, Failure> {
             }
             Ok(0)
         }
+        Command::Pdu { command } => pdu_command(client, command).await,
         Command::Retire { dut_id } => set_retired(client, &dut_id, true).await,
         Command::Activate { dut_id } => set_retired(client, &dut_id, false).await,
     }
+}
+
+fn rfc3339_short(t: Option<&str>) -> String {
+    t.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| {
+            t.with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+async fn pdu_command(client: &Client, command: PduCommand) -> Result<u8, Failure> {
+    use reqwest::Method;
+    match command {
+        PduCommand::Drivers => {
+            let drivers: Vec<farmgate_wire::PduDriverInfo> = client
+                .json(client.req(Method::GET, "/api/v1/pdu-drivers"))
+                .await?;
+            for d in drivers {
+                println!("{}: {}", d.name, d.description);
+                for k in d.config {
+                    println!("    {:<18} {}", k.key, k.description);
+                }
+            }
+        }
+        PduCommand::List => {
+            let list: farmgate_wire::PduList =
+                client.json(client.req(Method::GET, "/api/v1/pdus")).await?;
+            for (name, p) in list.pdus {
+                let health = match (&p.down, &p.error) {
+                    (Some(down), _) => format!("DOWN: {down}"),
+                    (None, Some(e)) => format!("last read failed: {e}"),
+                    (None, None) => "answering".into(),
+                };
+                println!("{name} ({}): {health}", p.driver);
+                println!(
+                    "    {:<6} {:<8} {:<20} {:<9} {:<11} {:<9} LABEL",
+                    "PORT", "STATE", "LAST CHANGE", "POWER W", "ENERGY WH", "RESERVED"
+                );
+                for (id, port) in p.ports {
+                    let m = port.measure.unwrap_or_default();
+                    let num = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or("-".into());
+                    println!(
+                        "    {:<6} {:<8} {:<20} {:<9} {:<11} {:<9} {}",
+                        id,
+                        port.state.to_string(),
+                        rfc3339_short(port.last_change.as_deref()),
+                        num(m.power_w),
+                        num(m.energy_wh),
+                        if port.reserved { "yes" } else { "no" },
+                        port.label.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        PduCommand::Add {
+            name,
+            driver,
+            config,
+        } => {
+            let mut map = serde_json::Map::new();
+            for kv in &config {
+                let Some((k, v)) = kv.split_once('=') else {
+                    return Err(fail(
+                        EXIT_USAGE,
+                        format!("config {kv:?}: expected KEY=VALUE"),
+                    ));
+                };
+                map.insert(
+                    k.trim().to_string(),
+                    serde_json::Value::String(v.to_string()),
+                );
+            }
+            let body = serde_json::json!({"name": name, "driver": driver, "config": map});
+            let view: farmgate_wire::PduView = client
+                .json(client.req(Method::POST, "/api/v1/pdus").json(&body))
+                .await?;
+            ctrl(&format!(
+                "PDU {} ({}) added with {} ports",
+                view.name,
+                view.driver,
+                view.ports.len()
+            ));
+        }
+        PduCommand::Remove { name } => {
+            client
+                .send(client.req(Method::DELETE, &format!("/api/v1/pdu/{name}")))
+                .await?;
+            ctrl(&format!("PDU {name} removed"));
+        }
+        PduCommand::Port { pdu, port, action } => {
+            let body = match action.as_str() {
+                "on" | "off" => serde_json::json!({"state": action}),
+                "reserve" => serde_json::json!({"reserved": true}),
+                _ => serde_json::json!({"reserved": false}),
+            };
+            let view: farmgate_wire::PortView = client
+                .json(
+                    client
+                        .req(Method::PATCH, &format!("/api/v1/pdu/{pdu}/port/{port}"))
+                        .json(&body),
+                )
+                .await?;
+            ctrl(&format!(
+                "{pdu} port {port}: {}{}",
+                view.state,
+                if view.reserved { " (reserved)" } else { "" }
+            ));
+        }
+    }
+    Ok(0)
 }
 
 async fn set_retired(client: &Client, dut_id: &str, retired: bool) -> Result<u8, Failure> {

@@ -129,6 +129,7 @@ impl From<ExecError> for ApiError {
             ExecError::NoMatch(_) => StatusCode::NOT_ACCEPTABLE,
             ExecError::Busy(_) | ExecError::Conflict(_) => StatusCode::CONFLICT,
             ExecError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ExecError::Device(_) => StatusCode::BAD_GATEWAY,
         };
         ApiError::new(status, e.to_string())
     }
@@ -246,8 +247,9 @@ pub fn executor_router(
             get(get_quick_check).post(post_quick_check),
         )
         .route("/api/v1/dut/{id}/cancel_job", post(cancel_on_dut))
-        .route("/api/v1/pdus", get(list_pdus))
-        .route("/api/v1/pdu/{name}", get(get_pdu))
+        .route("/api/v1/pdus", get(list_pdus).post(add_pdu))
+        .route("/api/v1/pdu-drivers", get(pdu_drivers))
+        .route("/api/v1/pdu/{name}", get(get_pdu).delete(delete_pdu))
         .route(
             "/api/v1/pdu/{name}/port/{port}",
             get(get_port).patch(patch_port),
@@ -519,6 +521,30 @@ async fn list_pdus(State(st): State<AppState>) -> Response {
 
 async fn get_pdu(State(st): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
     Ok(json(&st.exec.pdu(&name).await?))
+}
+
+async fn add_pdu(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    authorize(&st, &headers, Role::Admin)?;
+    let reg: farmgate_wire::PduRegistration = parse_body("PDU", &body)?;
+    Ok((StatusCode::CREATED, json(&st.exec.add_pdu(reg).await?)).into_response())
+}
+
+async fn delete_pdu(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    authorize(&st, &headers, Role::Admin)?;
+    st.exec.remove_pdu(&name)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn pdu_drivers() -> Response {
+    json(&farmgate_pdu::driver_docs())
 }
 
 async fn get_port(

@@ -59,6 +59,9 @@ pub enum ExecError {
     /// Something failed on our side (500).
     #[error("{0}")]
     Internal(String),
+    /// A device (a PDU) did not do what it was asked (502).
+    #[error("{0}")]
+    Device(String),
 }
 
 impl From<farmgate_store::StoreError> for ExecError {
@@ -107,6 +110,8 @@ struct Inner {
     mars_watcher: Mutex<Option<farmgate_store::MarsWatcher>>,
     /// Where user jobs get their share bucket and key (none: no object store).
     job_storage: Option<Arc<dyn crate::jobspace::JobStorage>>,
+    /// Polls the PDUs; the power layer of the daemon's own switches.
+    pdus: farmgate_pdu::service::PduMonitor,
 }
 
 /// What the store remembers of a job's share space, to remove it when the job is over.
@@ -215,6 +220,11 @@ impl Executor {
             None => BUILTIN_BOOTLOOP_JOB.to_string(),
         };
         let (finished_tx, finished_rx) = mpsc::unbounded_channel();
+        let pdus = farmgate_pdu::service::PduMonitor::new(
+            config.pdu_poll_interval,
+            Some(config.pdu_locks_dir()),
+        );
+        pdus.sync(&mars.pdus);
         let inner = Arc::new(Inner {
             config,
             store,
@@ -227,6 +237,7 @@ impl Executor {
             bootloop_template,
             job_storage,
             mars_watcher: Mutex::new(None),
+            pdus,
         });
         let exec = Executor { inner };
         exec.recover()?;
@@ -523,6 +534,14 @@ impl Executor {
         record.pdu.is_some() && record.pdu_port_id.is_some()
     }
 
+    /// Why a DUT cannot be used now although its state allows it: its PDU does not
+    /// answer (the monitor's polls fail). Clears by itself when the PDU answers again.
+    fn unavailable(&self, record: &DutRecord) -> Option<String> {
+        let pdu = record.pdu.as_deref()?;
+        let why = self.inner.pdus.down_reason(pdu)?;
+        Some(format!("PDU {pdu} {why}"))
+    }
+
     // ----- dispatch -----------------------------------------------------------------
 
     /// Start what can start: Sergeant Hartman's rounds, then queued user jobs in order.
@@ -547,7 +566,7 @@ impl Executor {
             let Some((_, record)) = Self::record_of(&mars, &id) else {
                 continue;
             };
-            if !Self::usable(&record) {
+            if !Self::usable(&record) || self.unavailable(&record).is_some() {
                 continue;
             }
             self.start_hartman_round(&mut s, &mars, &id, &record);
@@ -559,7 +578,10 @@ impl Executor {
             .iter()
             .filter(|(_, rt)| rt.state == DutState::Idle && rt.current_job.is_none())
             .map(|(id, _)| id.clone())
-            .filter(|id| Self::record_of(&mars, id).is_some_and(|(_, r)| Self::usable(&r)))
+            .filter(|id| {
+                Self::record_of(&mars, id)
+                    .is_some_and(|(_, r)| Self::usable(&r) && self.unavailable(&r).is_none())
+            })
             .collect();
         if idle.is_empty() || s.queue.is_empty() {
             return;
@@ -783,6 +805,7 @@ impl Executor {
             port_id,
             salad_url: self.inner.config.salad_url.clone(),
             locks_dir: self.inner.config.locks_dir(),
+            pdu_locks_dir: Some(self.inner.config.pdu_locks_dir()),
             default_unfit_regex: self.inner.config.default_unfit_regex.clone(),
         };
         let spec_json = match serde_json::to_string(&spec) {
@@ -1115,6 +1138,7 @@ impl Executor {
     /// Periodic checks: dead runners, runners that finished while we were away, queue
     /// deadlines, discovery timeout.
     fn reconcile(&self) {
+        self.inner.pdus.sync(&self.mars().pdus);
         let store = &self.inner.store;
         let running = match store.running_jobs() {
             Ok(r) => r,
@@ -1477,6 +1501,7 @@ impl Executor {
             state: rt.map(|r| r.state).unwrap_or(DutState::Idle),
             current_job: rt.and_then(|r| r.current_job.clone()),
             training: rt.and_then(|r| r.training),
+            unavailable: self.unavailable(record),
             record: record.clone(),
         }
     }
@@ -1689,28 +1714,43 @@ impl Executor {
     }
 
     fn power_port_later(&self, pdu_name: &str, port_id: &str, state: PortState) {
-        let mars = self.mars();
-        let Some(record) = mars.pdus.get(pdu_name).cloned() else {
-            return;
+        let pdu = match self.pdu_handle(pdu_name) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("{e}");
+                return;
+            }
         };
-        let pdu_name = pdu_name.to_string();
         let port_id = port_id.to_string();
         let store = self.inner.store.clone();
+        let monitor = self.inner.pdus.clone();
         tokio::spawn(async move {
-            match farmgate_pdu::driver_for(&pdu_name, &record) {
-                Ok(driver) => match driver.set(&port_id, state).await {
-                    Ok(()) => {
-                        if state == PortState::Off {
-                            let _ = store.record_port_shutdown(&pdu_name, &port_id, now());
-                        }
+            match pdu.set(&port_id, state).await {
+                Ok(()) => {
+                    monitor.note_state(pdu.name(), &port_id, state);
+                    if state == PortState::Off {
+                        let _ = store.record_port_shutdown(pdu.name(), &port_id, now());
                     }
-                    Err(e) => {
-                        tracing::error!("cannot switch {pdu_name} port {port_id} {state}: {e}")
-                    }
-                },
-                Err(e) => tracing::error!("{e}"),
+                }
+                Err(e) => {
+                    tracing::error!("cannot switch {} port {port_id} {state}: {e}", pdu.name())
+                }
             }
         });
+    }
+
+    /// The power layer's handle on a PDU of the MaRS DB.
+    fn pdu_handle(&self, name: &str) -> Result<farmgate_pdu::service::Pdu, ExecError> {
+        if let Some(p) = self.inner.pdus.pdu(name) {
+            return Ok(p);
+        }
+        let mars = self.mars();
+        let record = mars
+            .pdus
+            .get(name)
+            .ok_or_else(|| ExecError::NotFound(format!("no PDU named {name}")))?;
+        farmgate_pdu::service::Pdu::new(name, record, Some(&self.inner.config.pdu_locks_dir()))
+            .map_err(|e| ExecError::Internal(e.to_string()))
     }
 
     /// `GET /api/v1/dut/<id>/quick_check`: whether a quick check is queued or running.
@@ -1881,36 +1921,37 @@ impl Executor {
             .pdus
             .get(name)
             .ok_or_else(|| ExecError::NotFound(format!("no PDU named {name}")))?;
+        let monitor = &self.inner.pdus;
+        monitor.sync(&mars.pdus);
+        let mut status = monitor.status(name);
+        if status
+            .as_ref()
+            .is_some_and(|s| s.last_ok.is_none() && s.failed_polls == 0)
+        {
+            // Asked before the first poll finished: read it now (bounded).
+            let _ = tokio::time::timeout(Duration::from_secs(10), monitor.poll_now(name)).await;
+            status = monitor.status(name);
+        }
         let mut view = PduView {
             name: name.to_string(),
             driver: record.driver.clone(),
             ports: BTreeMap::new(),
             error: None,
+            down: None,
+            last_ok: None,
+            counters: Default::default(),
         };
-        let driver = match farmgate_pdu::driver_for(name, record) {
-            Ok(d) => d,
-            Err(e) => {
-                view.error = Some(e.to_string());
-                return Ok(view);
-            }
+        let Some(st) = status else {
+            view.error = Some(format!("PDU {name} is not polled yet"));
+            return Ok(view);
         };
-        let ports = match tokio::time::timeout(Duration::from_secs(5), driver.ports()).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                view.error = Some(e.to_string());
-                return Ok(view);
-            }
-            Err(_) => {
-                view.error = Some(format!("PDU {name} did not answer within 5 s"));
-                return Ok(view);
-            }
-        };
-        for port_id in ports {
-            let state = tokio::time::timeout(Duration::from_secs(5), driver.get(&port_id))
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .unwrap_or(PortState::Unknown);
+        let rfc3339 =
+            |t: std::time::SystemTime| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339();
+        view.error = st.error.clone();
+        view.down = st.down_reason();
+        view.last_ok = st.last_ok.map(rfc3339);
+        view.counters = st.counters;
+        for (port_id, port) in st.ports {
             let dut = mars.duts.iter().find(|(_, r)| {
                 r.pdu.as_deref() == Some(name) && r.pdu_port_id.as_deref() == Some(&port_id)
             });
@@ -1925,16 +1966,85 @@ impl Executor {
                 PortView {
                     port_id: port_id.clone(),
                     label: dut.map(|(id, _)| self.full_name(mars, id)),
-                    state,
+                    state: port.state,
                     reserved: record.reserved_port_ids.contains(&port_id),
                     min_off_time: dut
                         .map(|(_, r)| r.pdu_off_delay)
                         .unwrap_or(farmgate_wire::DEFAULT_PDU_OFF_DELAY),
                     last_shutdown: last.map(|t| t.to_rfc3339()),
+                    last_change: port.last_change.map(rfc3339),
+                    measure: port.measure,
                 },
             );
         }
         Ok(view)
+    }
+
+    /// `POST /api/v1/pdus`: adds a PDU to the MaRS DB once the gateway has talked to it
+    /// (its driver built from the configuration, its ports listed).
+    pub async fn add_pdu(&self, reg: farmgate_wire::PduRegistration) -> Result<PduView, ExecError> {
+        let name = reg.name.trim().to_string();
+        if name.is_empty() || name.contains('/') {
+            return Err(ExecError::BadRequest(format!(
+                "PDU name {:?}: expected a non-empty name without '/'",
+                reg.name
+            )));
+        }
+        if self.mars().pdus.contains_key(&name) {
+            return Err(ExecError::Conflict(format!(
+                "a PDU named {name} exists already"
+            )));
+        }
+        let record = farmgate_wire::PduRecord {
+            driver: reg.driver,
+            config: reg.config,
+            reserved_port_ids: reg.reserved_port_ids,
+        };
+        let pdu = farmgate_pdu::service::Pdu::new(
+            &name,
+            &record,
+            Some(&self.inner.config.pdu_locks_dir()),
+        )
+        .map_err(|e| ExecError::BadRequest(e.to_string()))?;
+        let ports = tokio::time::timeout(Duration::from_secs(30), pdu.ports())
+            .await
+            .map_err(|_| {
+                ExecError::Device(format!("PDU {name} did not list its ports within 30 s"))
+            })?
+            .map_err(|e| ExecError::Device(format!("the PDU was not added: {e}")))?;
+        tracing::info!(pdu = %name, driver = %record.driver, ports = ports.len(), "PDU added");
+        let db = self.edit_mars(|db| {
+            if db.pdus.contains_key(&name) {
+                return Err(ExecError::Conflict(format!(
+                    "a PDU named {name} exists already"
+                )));
+            }
+            db.pdus.insert(name.clone(), record);
+            Ok(())
+        })?;
+        self.pdu_view(&db, &name).await
+    }
+
+    /// `DELETE /api/v1/pdu/<name>`: removes a PDU no machine uses.
+    pub fn remove_pdu(&self, name: &str) -> Result<(), ExecError> {
+        self.edit_mars(|db| {
+            if db.pdus.remove(name).is_none() {
+                return Err(ExecError::NotFound(format!("no PDU named {name}")));
+            }
+            let users: Vec<&String> = db
+                .duts
+                .iter()
+                .filter(|(_, r)| r.pdu.as_deref() == Some(name))
+                .map(|(id, _)| id)
+                .collect();
+            if !users.is_empty() {
+                return Err(ExecError::Conflict(format!(
+                    "PDU {name} powers machines {users:?}: move or delete them first"
+                )));
+            }
+            Ok(())
+        })?;
+        Ok(())
     }
 
     /// `GET /api/v1/pdus`.
@@ -1975,11 +2085,9 @@ impl Executor {
         patch: PortPatch,
     ) -> Result<PortView, ExecError> {
         let mars = self.mars();
-        let record = mars
-            .pdus
-            .get(name)
-            .ok_or_else(|| ExecError::NotFound(format!("no PDU named {name}")))?
-            .clone();
+        if !mars.pdus.contains_key(name) {
+            return Err(ExecError::NotFound(format!("no PDU named {name}")));
+        }
         let dut = mars
             .duts
             .iter()
@@ -2036,12 +2144,37 @@ impl Executor {
             if state == PortState::Unknown {
                 return Err(ExecError::BadRequest("state: expected on or off".into()));
             }
-            let driver = farmgate_pdu::driver_for(name, &record)
-                .map_err(|e| ExecError::Internal(e.to_string()))?;
-            driver
-                .set(port_id, state)
+            let pdu = self.pdu_handle(name)?;
+            if state == PortState::On {
+                // Never on again before the port's minimum off time.
+                let min_off = self
+                    .mars()
+                    .duts
+                    .values()
+                    .find(|r| {
+                        r.pdu.as_deref() == Some(name) && r.pdu_port_id.as_deref() == Some(port_id)
+                    })
+                    .map(|r| r.pdu_off_delay)
+                    .unwrap_or(farmgate_wire::DEFAULT_PDU_OFF_DELAY);
+                if let Some(off_at) = self.inner.store.last_port_shutdown(name, port_id)? {
+                    let off_for = (now() - off_at).to_std().unwrap_or_default();
+                    let remaining =
+                        Duration::from_secs_f64(min_off.max(0.0)).saturating_sub(off_for);
+                    if !remaining.is_zero() {
+                        tracing::info!(
+                            pdu = name,
+                            port = port_id,
+                            ?remaining,
+                            "waiting for the port's minimum off time"
+                        );
+                        tokio::time::sleep(remaining).await;
+                    }
+                }
+            }
+            pdu.set(port_id, state)
                 .await
-                .map_err(|e| ExecError::Internal(e.to_string()))?;
+                .map_err(|e| ExecError::Device(e.to_string()))?;
+            self.inner.pdus.note_state(name, port_id, state);
             if state == PortState::Off {
                 let _ = self.inner.store.record_port_shutdown(name, port_id, now());
             }

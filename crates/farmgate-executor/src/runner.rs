@@ -234,7 +234,11 @@ fn prepare(
             .map_err(|e| format!("farm-wide unfit pattern {re:?}: {e}"))?;
         job.console_patterns = job.console_patterns.with_default_unfit(Some(re));
     }
-    let driver = farmgate_pdu::driver_for(&spec.pdu_name, &spec.pdu).map_err(|e| e.to_string())?;
+    // Through the power layer: serialized with the daemon's polls, retried, read back.
+    let pdu =
+        farmgate_pdu::service::Pdu::new(&spec.pdu_name, &spec.pdu, spec.pdu_locks_dir.as_deref())
+            .map_err(|e| e.to_string())?;
+    let driver: Box<dyn PduDriver> = Box::new(pdu);
     Ok((job, driver))
 }
 

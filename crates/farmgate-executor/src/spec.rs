@@ -36,6 +36,9 @@ pub struct RunnerSpec {
     pub salad_url: String,
     /// Directory of the per-DUT lock files.
     pub locks_dir: PathBuf,
+    /// Directory of the per-PDU lock files (shared with the daemon's PDU monitor).
+    #[serde(default)]
+    pub pdu_locks_dir: Option<PathBuf>,
     /// Farm-wide unfit-for-service pattern, used when the job has none.
     pub default_unfit_regex: Option<String>,
 }

@@ -12,15 +12,33 @@
 //!   `timeout`.
 //! - `qemu`: a virtual PDU whose ports are QEMU machines that netboot like physical DUTs
 //!   ([`qemu`]); config `ports`, `memory`, `cpus`, `disk_size`, `accel`, `network`, …
+//! - `snmp`, `apc_masterswitch`, `cyberpower`: SNMP v1/v2c PDUs, generic and the APC
+//!   PowerNet-MIB / CyberPower CPS-MIB presets ([`snmp`]); config `hostname`, `community`,
+//!   `version`, `timeout`, `retries`, `outlet_count`, and for `snmp` the OIDs and values.
+//! - `shelly`: Shelly relays over HTTP, generation 1 REST or 2+ RPC ([`shelly`]); config
+//!   `hostname`, `generation`, `username`, `password`, `timeout`, `ports`.
+//! - `tasmota`: Tasmota relays over HTTP `/cm?cmnd=` ([`tasmota`]); config `hostname`,
+//!   `username`, `password`, `timeout`, `ports`.
+//! - `serial_relay`: a USB serial power switch driven by one ASCII digit ([`serial_relay`]);
+//!   config `device`, `baud`, `state_file`, `timeout`. The one driver that cannot read
+//!   back: `get` returns the last state it wrote.
 //!
 //! Every network or process operation has a timeout, so a dead PDU never blocks forever.
 
 mod command;
 mod config;
+mod docs;
 pub mod dummy;
 mod error;
 pub mod qemu;
+pub mod service;
 pub mod shell;
+// SNMP modules
+pub mod snmp;
+// HTTP and serial modules
+pub mod serial_relay;
+pub mod shelly;
+pub mod tasmota;
 pub mod vpdu;
 
 use std::time::{Duration, Instant};
@@ -28,6 +46,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use farmgate_wire::{PduRecord, PortState};
 
+pub use docs::driver_docs;
 pub use error::PowerError;
 
 /// One PDU, able to list its ports and read and switch their power.
@@ -41,9 +60,29 @@ pub trait PduDriver: Send + Sync {
     async fn get(&self, port_id: &str) -> Result<PortState, PowerError>;
     /// Switches a port on or off (`Unknown` is refused).
     async fn set(&self, port_id: &str, state: PortState) -> Result<(), PowerError>;
+    /// What the PDU measures on a port (power, energy…), for the devices that can;
+    /// `Ok(None)` when this driver or this device measures nothing.
+    async fn measure(&self, _port_id: &str) -> Result<Option<PortMeasure>, PowerError> {
+        Ok(None)
+    }
 }
 
-const DRIVER_NAMES: &[&str] = &["vpdu", "dummy", "shell", "qemu"];
+pub use farmgate_wire::PortMeasure;
+
+const DRIVER_NAMES: &[&str] = &[
+    "vpdu",
+    "dummy",
+    "shell",
+    "qemu",
+    // SNMP drivers
+    "snmp",
+    "apc_masterswitch",
+    "cyberpower",
+    // HTTP and serial drivers
+    "shelly",
+    "tasmota",
+    "serial_relay",
+];
 
 /// The names of the drivers this build knows.
 pub fn driver_names() -> &'static [&'static str] {
@@ -62,6 +101,14 @@ pub fn driver_for(pdu_name: &str, record: &PduRecord) -> Result<Box<dyn PduDrive
         "dummy" => Box::new(dummy::DummyDriver::from_config(&cfg)?),
         "shell" => Box::new(shell::ShellDriver::from_config(&cfg)?),
         "qemu" => Box::new(qemu::QemuDriver::from_config(&cfg)?),
+        // SNMP drivers
+        "snmp" => Box::new(snmp::SnmpDriver::generic_from_config(&cfg)?),
+        "apc_masterswitch" => Box::new(snmp::SnmpDriver::apc_from_config(&cfg)?),
+        "cyberpower" => Box::new(snmp::SnmpDriver::cyberpower_from_config(&cfg)?),
+        // HTTP and serial drivers
+        "shelly" => Box::new(shelly::ShellyDriver::from_config(&cfg)?),
+        "tasmota" => Box::new(tasmota::TasmotaDriver::from_config(&cfg)?),
+        "serial_relay" => Box::new(serial_relay::SerialRelayDriver::from_config(&cfg)?),
         other => {
             return Err(PowerError::UnknownDriver {
                 pdu: pdu_name.to_string(),

@@ -31,10 +31,43 @@ fn config_error(pdu: &str, rec: &PduRecord) -> String {
 
 #[test]
 fn driver_names_lists_the_drivers() {
-    assert_eq!(driver_names(), &["vpdu", "dummy", "shell", "qemu"]);
+    assert_eq!(
+        driver_names(),
+        &[
+            "vpdu",
+            "dummy",
+            "shell",
+            "qemu",
+            "snmp",
+            "apc_masterswitch",
+            "cyberpower",
+            "shelly",
+            "tasmota",
+            "serial_relay"
+        ]
+    );
     for name in driver_names() {
+        // The least each driver needs; building contacts nothing.
         let rec = match *name {
             "shell" => record(name, &[("on", s("true")), ("off", s("true"))]),
+            "snmp" => record(
+                name,
+                &[
+                    ("hostname", s("127.0.0.1")),
+                    ("state_oid", s("1.3.6.1.4.1.99.1")),
+                    ("on_value", s("1")),
+                    ("off_value", s("2")),
+                    ("outlet_count", s("8")),
+                ],
+            ),
+            "apc_masterswitch" | "cyberpower" | "tasmota" => {
+                record(name, &[("hostname", s("127.0.0.1"))])
+            }
+            "shelly" => record(
+                name,
+                &[("hostname", s("127.0.0.1")), ("generation", s("2"))],
+            ),
+            "serial_relay" => record(name, &[("device", s("/dev/ttyACM0"))]),
             _ => record(name, &[]),
         };
         let d = driver_for("P", &rec).expect("default config builds");
@@ -44,9 +77,9 @@ fn driver_names_lists_the_drivers() {
 
 #[test]
 fn driver_for_errors_name_pdu_driver_and_key() {
-    let msg = config_error("P1", &record("apc_masterswitch", &[]));
+    let msg = config_error("P1", &record("no_such_driver", &[]));
     assert!(
-        msg.contains("P1") && msg.contains("apc_masterswitch") && msg.contains("vpdu"),
+        msg.contains("P1") && msg.contains("no_such_driver") && msg.contains("vpdu"),
         "{msg}"
     );
 

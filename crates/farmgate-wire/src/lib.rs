@@ -365,6 +365,10 @@ pub struct DutView {
     /// Sergeant Hartman's progress while training: rounds done and passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingProgress>,
+    /// Why the DUT cannot be used right now although its state would allow it (its
+    /// PDU does not answer); it gets no job until this clears.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
     /// The MaRS record.
     #[serde(flatten)]
     pub record: DutRecord,
@@ -486,6 +490,83 @@ pub struct PortView {
     pub min_off_time: f64,
     /// When the port was last switched off (RFC 3339).
     pub last_shutdown: Option<String>,
+    /// When the gateway last saw the port's state change (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_change: Option<String>,
+    /// Power, energy, current and voltage, when the PDU measures them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measure: Option<PortMeasure>,
+}
+
+/// What a PDU measured on one port. Each field is `None` when the device does not
+/// report it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PortMeasure {
+    /// Active power in watts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_w: Option<f64>,
+    /// Energy used since the device's counter was reset, in watt-hours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy_wh: Option<f64>,
+    /// Current in amperes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_a: Option<f64>,
+    /// Voltage in volts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voltage_v: Option<f64>,
+}
+
+/// One configuration key of a PDU driver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PduConfigKey {
+    /// The key, as written under the PDU's `config:`.
+    pub key: String,
+    /// What it means and its default.
+    pub description: String,
+}
+
+/// A PDU driver of this build (`GET /api/v1/pdu-drivers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PduDriverInfo {
+    /// The driver name, as written in the MaRS DB.
+    pub name: String,
+    /// What it drives.
+    pub description: String,
+    /// Its configuration keys.
+    pub config: Vec<PduConfigKey>,
+}
+
+/// Body of `POST /api/v1/pdus`: a PDU to add to the MaRS DB.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PduRegistration {
+    /// Its name.
+    pub name: String,
+    /// Driver name.
+    pub driver: String,
+    /// Driver configuration.
+    #[serde(default)]
+    pub config: BTreeMap<String, YamlValue>,
+    /// Ports nobody may switch or use for a new DUT.
+    #[serde(default, deserialize_with = "deserialize_port_ids")]
+    pub reserved_port_ids: Vec<String>,
+}
+
+/// What happened on one PDU since the gateway started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PduCounters {
+    /// Switch commands that were read back as done.
+    pub switches_ok: u64,
+    /// Switch commands that failed (after their retries).
+    pub switches_failed: u64,
+    /// Reads (ports, states, measures) that succeeded.
+    pub reads_ok: u64,
+    /// Reads that failed (after their retries).
+    pub reads_failed: u64,
+    /// Operations tried again after a failure.
+    pub retries: u64,
+    /// Times the driver was created anew after a failure.
+    pub reinits: u64,
 }
 
 /// One PDU as the REST API shows it.
@@ -500,6 +581,16 @@ pub struct PduView {
     /// Why the ports could not be read, when the PDU did not answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Set when the PDU does not answer (several polls in a row failed): why, since
+    /// when. Its DUTs get no job until it answers again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down: Option<String>,
+    /// Last time the PDU answered a poll (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ok: Option<String>,
+    /// What happened on this PDU since the gateway started.
+    #[serde(default)]
+    pub counters: PduCounters,
 }
 
 /// `GET /api/v1/pdus`.

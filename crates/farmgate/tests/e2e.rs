@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use farmgate_testkit::Behaviour;
@@ -772,5 +772,303 @@ async fn tftp_serves_the_boot_root_and_nothing_outside_it() {
         body,
         std::fs::read("/usr/lib/ipxe/undionly.kpxe").expect("Debian's ipxe package")
     );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pdu_that_stops_answering_makes_its_duts_unavailable_until_it_answers() {
+    let gw = Gateway::start(GatewayOptions::default().dut(1, &["sim"], true)).await;
+    // A second PDU, driven by shell commands over files: `down` makes it fail,
+    // `stuck` makes its relay ignore "on".
+    let dir = gw.dir.path().join("flaky");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let d = dir.display();
+    let mut db = gw.mars();
+    let cfg: std::collections::BTreeMap<String, farmgate_wire::YamlValue> = [
+        (
+            "on",
+            format!(
+                "test ! -e {d}/down && {{ test -e {d}/stuck || {{ echo on > {d}/p{{port}}; date +%s.%N >> {d}/on.log; }}; }}"
+            ),
+        ),
+        (
+            "off",
+            format!("test ! -e {d}/down && echo off > {d}/p{{port}} && date +%s.%N >> {d}/off.log"),
+        ),
+        (
+            "status",
+            format!("test ! -e {d}/down && {{ cat {d}/p{{port}} 2>/dev/null || echo off; }}"),
+        ),
+        ("ports", "2".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), farmgate_wire::YamlValue::String(v)))
+    .collect();
+    db.pdus.insert(
+        "FLAKY".into(),
+        farmgate_wire::PduRecord {
+            driver: "shell".into(),
+            config: cfg,
+            reserved_port_ids: vec![],
+        },
+    );
+    let mut rec = db.duts.get(&mac(1)).expect("dut 1").clone();
+    rec.pdu = Some("FLAKY".into());
+    rec.pdu_port_id = Some("0".into());
+    rec.pdu_off_delay = 1.5;
+    let flaky_dut = "52:54:00:aa:bb:01".to_string();
+    db.duts.insert(flaky_dut.clone(), rec);
+    std::fs::write(gw.mars_path(), serde_yaml_ng::to_string(&db).expect("yaml")).expect("write");
+
+    let admin = |req: reqwest::RequestBuilder| req.bearer_auth(ADMIN);
+    let port_url = format!("{}/api/v1/pdu/FLAKY/port/0", gw.url());
+    // The PDU is followed: its ports and states answer from the monitor.
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let r = gw.http.get(&port_url).send().await.expect("GET port");
+        if r.status().is_success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "FLAKY never listed: {}",
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A switch answers once the port reads back on.
+    let r = admin(gw.http.patch(&port_url))
+        .json(&serde_json::json!({"state": "on"}))
+        .send()
+        .await
+        .expect("PATCH on");
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["state"], "on", "{v}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("p0")).unwrap_or_default(),
+        "on\n"
+    );
+    // Off, then a relay that does not switch: never a 200.
+    let r = admin(gw.http.patch(&port_url))
+        .json(&serde_json::json!({"state": "off"}))
+        .send()
+        .await
+        .expect("PATCH off");
+    assert_eq!(r.status(), 200);
+    // On again: not before the machine's minimum off time (its pdu_off_delay, 1.5 s)
+    // since the off, as the commands' own clock shows.
+    let r = admin(gw.http.patch(&port_url))
+        .json(&serde_json::json!({"state": "on"}))
+        .send()
+        .await
+        .expect("PATCH on again");
+    assert_eq!(r.status(), 200);
+    let last = |f: &str| -> f64 {
+        std::fs::read_to_string(dir.join(f))
+            .unwrap_or_default()
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no time in {f}"))
+    };
+    let off_for = last("on.log") - last("off.log");
+    assert!(off_for >= 1.4, "switched on again after {off_for} s off");
+    let r = admin(gw.http.patch(&port_url))
+        .json(&serde_json::json!({"state": "off"}))
+        .send()
+        .await
+        .expect("PATCH off again");
+    assert_eq!(r.status(), 200);
+    std::fs::write(dir.join("stuck"), "").expect("stuck");
+    let r = admin(gw.http.patch(&port_url))
+        .json(&serde_json::json!({"state": "on"}))
+        .send()
+        .await
+        .expect("PATCH on, stuck");
+    assert_eq!(r.status(), 502);
+    let body = r.text().await.unwrap_or_default();
+    assert!(
+        body.contains("PDU FLAKY") && body.contains("port 0") && body.contains("still reads off"),
+        "{body}"
+    );
+    std::fs::remove_file(dir.join("stuck")).expect("unstuck");
+
+    // The PDU stops answering: its DUT is unavailable, with the reason; the other
+    // DUT is not affected.
+    std::fs::write(dir.join("down"), "").expect("down");
+    let deadline = Instant::now() + LIMIT;
+    let why = loop {
+        let duts: farmgate_wire::DutList = gw.get_json("/api/v1/duts").await;
+        if let Some(w) = duts
+            .duts
+            .get(&flaky_dut)
+            .and_then(|d| d.unavailable.clone())
+        {
+            assert!(duts.duts[&mac(1)].unavailable.is_none());
+            break w;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never unavailable: {}",
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        why.contains("PDU FLAKY does not answer since") && why.contains("exit"),
+        "{why}"
+    );
+    let pdu: serde_json::Value = gw.get_json("/api/v1/pdu/FLAKY").await;
+    assert!(
+        pdu["down"]
+            .as_str()
+            .is_some_and(|s| s.contains("does not answer")),
+        "{pdu}"
+    );
+    assert!(
+        pdu["counters"]["reads_failed"].as_u64().unwrap_or(0) >= 3,
+        "{pdu}"
+    );
+    // A job for that machine waits in the queue instead of failing on a dead PDU.
+    let job = gw.write_job(
+        "flaky.yml",
+        &sim_job("print hi; poweroff", "", "")
+            .replace("tags: [sim]", &format!("id: \"{flaky_dut}\"")),
+    );
+    let mut waiting = gw
+        .farmctl(&["run", "-w", "-j", "flaky-job-1", path_str(&job)])
+        .spawn()
+        .expect("farmctl");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let view = gw.job("flaky-job-1").await;
+    assert_eq!(view.status, None, "queued, not run: {view:?}");
+    assert!(
+        view.dut_id.is_none(),
+        "not assigned while the PDU is down: {view:?}"
+    );
+    let r = gw.farmctl_run(&["cancel", "flaky-job-1"], LIMIT).await;
+    assert_eq!(r.code, Some(0), "{}", r.all());
+    let _ = tokio::time::timeout(LIMIT, waiting.wait()).await;
+    // It answers again: nobody has to do anything.
+    std::fs::remove_file(dir.join("down")).expect("up");
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let duts: farmgate_wire::DutList = gw.get_json("/api/v1/duts").await;
+        if duts
+            .duts
+            .get(&flaky_dut)
+            .is_some_and(|d| d.unavailable.is_none())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never available again: {}",
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn farmctl_pdu_lists_drivers_adds_checks_switches_and_reserves() {
+    let gw = Gateway::start(GatewayOptions::default()).await;
+    let run = |args: &'static [&'static str]| gw.farmctl_run_as(ADMIN, args, LIMIT);
+    let r = run(&["pdu", "drivers"]).await;
+    assert_eq!(r.code, Some(0), "{}", r.all());
+    assert!(
+        r.stdout.contains("apc_masterswitch:") && r.stdout.contains("community"),
+        "{}",
+        r.all()
+    );
+    // The gateway talks to a PDU before adding it.
+    let r = run(&["pdu", "add", "DEAD", "vpdu", "hostname=127.0.0.1:1"]).await;
+    assert_eq!(r.code, Some(7), "{}", r.all());
+    assert!(
+        r.stderr.contains("502") && r.stderr.contains("PDU DEAD"),
+        "{}",
+        r.all()
+    );
+    let r = run(&["pdu", "add", "ODD", "no_such_driver"]).await;
+    assert_eq!(r.code, Some(7), "{}", r.all());
+    assert!(r.stderr.contains("unknown driver"), "{}", r.all());
+    assert!(!gw.mars().pdus.contains_key("DEAD") && !gw.mars().pdus.contains_key("ODD"));
+    // Only the admin adds PDUs.
+    let r = gw
+        .farmctl_run(&["pdu", "add", "X", "dummy", "ports=2"], LIMIT)
+        .await;
+    assert_eq!(r.code, Some(7), "{}", r.all());
+    assert!(
+        r.stderr.contains("401") || r.stderr.contains("403"),
+        "{}",
+        r.all()
+    );
+
+    let dir = gw.dir.path().join("files");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let d = dir.display().to_string();
+    let on = format!("on=test -e {d}/stuck || echo on > {d}/p{{port}}");
+    let off = format!("off=echo off > {d}/p{{port}}");
+    let status = format!("status=cat {d}/p{{port}} 2>/dev/null || echo off");
+    let r = gw
+        .farmctl_run_as(
+            ADMIN,
+            &[
+                "pdu", "add", "FILES", "shell", &on, &off, &status, "ports=2",
+            ],
+            LIMIT,
+        )
+        .await;
+    assert_eq!(r.code, Some(0), "{}", r.all());
+    assert!(r.stderr.contains("added with 2 ports"), "{}", r.all());
+    assert_eq!(gw.mars().pdus["FILES"].driver, "shell");
+
+    let r = run(&["pdu", "port", "FILES", "1", "on"]).await;
+    assert_eq!(r.code, Some(0), "{}", r.all());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("p1")).unwrap_or_default(),
+        "on\n"
+    );
+    // A reserved port refuses changes.
+    let r = run(&["pdu", "port", "FILES", "1", "reserve"]).await;
+    assert_eq!(r.code, Some(0), "{}", r.all());
+    let r = run(&["pdu", "port", "FILES", "1", "off"]).await;
+    assert_eq!(r.code, Some(7), "{}", r.all());
+    assert!(r.stderr.contains("reserved"), "{}", r.all());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("p1")).unwrap_or_default(),
+        "on\n"
+    );
+    let r = run(&["pdu", "port", "FILES", "1", "release"]).await;
+    assert_eq!(r.code, Some(0), "{}", r.all());
+    let r = run(&["pdu", "port", "FILES", "1", "off"]).await;
+    assert_eq!(r.code, Some(0), "{}", r.all());
+    // A relay that does not switch: the command fails, naming the PDU and port. (Port
+    // 0: port 1 was just switched off and would first wait for its minimum off time.)
+    std::fs::write(dir.join("stuck"), "").expect("stuck");
+    let r = run(&["pdu", "port", "FILES", "0", "on"]).await;
+    assert_eq!(r.code, Some(7), "{}", r.all());
+    assert!(
+        r.stderr.contains("502")
+            && r.stderr.contains("port 0")
+            && r.stderr.contains("still reads off"),
+        "{}",
+        r.all()
+    );
+    let r = run(&["pdu", "list"]).await;
+    assert_eq!(r.code, Some(0), "{}", r.all());
+    assert!(r.stdout.contains("FILES (shell): answering"), "{}", r.all());
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("1 ") && l.contains(" off ")),
+        "{}",
+        r.all()
+    );
+    let r = run(&["pdu", "remove", "FILES"]).await;
+    assert_eq!(r.code, Some(0), "{}", r.all());
+    assert!(!gw.mars().pdus.contains_key("FILES"));
     gw.stop().await;
 }

@@ -497,8 +497,13 @@ impl Gateway {
 
     /// Start `farmctl` with the submit token.
     pub fn farmctl(&self, args: &[&str]) -> tokio::process::Command {
+        self.farmctl_as(SUBMIT, args)
+    }
+
+    /// Start `farmctl` with the given token.
+    pub fn farmctl_as(&self, token: &str, args: &[&str]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(farmctl_exe());
-        cmd.args(["--url", &self.url(), "--token", SUBMIT])
+        cmd.args(["--url", &self.url(), "--token", token])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -509,7 +514,20 @@ impl Gateway {
 
     /// Run `farmctl` to its end (bounded by `limit`).
     pub async fn farmctl_run(&self, args: &[&str], limit: Duration) -> FarmctlResult {
-        let child = self.farmctl(args).spawn().expect("farmctl starts");
+        self.farmctl_run_as(SUBMIT, args, limit).await
+    }
+
+    /// [`Self::farmctl_run`] with the given token.
+    pub async fn farmctl_run_as(
+        &self,
+        token: &str,
+        args: &[&str],
+        limit: Duration,
+    ) -> FarmctlResult {
+        let child = self
+            .farmctl_as(token, args)
+            .spawn()
+            .expect("farmctl starts");
         let out = tokio::time::timeout(limit, child.wait_with_output())
             .await
             .unwrap_or_else(|_| {
