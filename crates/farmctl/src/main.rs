@@ -123,16 +123,18 @@ enum PduCommand {
         /// Its name.
         name: String,
     },
-    /// Switch a port on or off (returns once it reads back so), or reserve or release it
-    /// (admin).
+    /// Switch a port on or off (returns once it reads back so), reserve or release it,
+    /// or label it (admin).
     Port {
         /// The PDU.
         pdu: String,
         /// The port id.
         port: String,
-        /// on, off, reserve or release.
-        #[arg(value_parser = ["on", "off", "reserve", "release"])]
+        /// on, off, reserve, release, or label (followed by the text; empty removes it).
+        #[arg(value_parser = ["on", "off", "reserve", "release", "label"])]
         action: String,
+        /// The label, for `label`.
+        text: Option<String>,
     },
 }
 
@@ -468,10 +470,28 @@ async fn pdu_command(client: &Client, command: PduCommand) -> Result<u8, Failure
                 .await?;
             ctrl(&format!("PDU {name} removed"));
         }
-        PduCommand::Port { pdu, port, action } => {
-            let body = match action.as_str() {
-                "on" | "off" => serde_json::json!({"state": action}),
-                "reserve" => serde_json::json!({"reserved": true}),
+        PduCommand::Port {
+            pdu,
+            port,
+            action,
+            text,
+        } => {
+            let body = match (action.as_str(), text) {
+                ("label", Some(t)) => serde_json::json!({"label": t}),
+                ("label", None) => {
+                    return Err(fail(
+                        EXIT_USAGE,
+                        "label: give the text (\"\" removes the label)",
+                    ));
+                }
+                (_, Some(t)) => {
+                    return Err(fail(
+                        EXIT_USAGE,
+                        format!("{action} takes no text (got {t:?})"),
+                    ));
+                }
+                ("on" | "off", None) => serde_json::json!({"state": action}),
+                ("reserve", None) => serde_json::json!({"reserved": true}),
                 _ => serde_json::json!({"reserved": false}),
             };
             let view: farmgate_wire::PortView = client
@@ -482,9 +502,12 @@ async fn pdu_command(client: &Client, command: PduCommand) -> Result<u8, Failure
                 )
                 .await?;
             ctrl(&format!(
-                "{pdu} port {port}: {}{}",
+                "{pdu} port {port}: {}{}{}",
                 view.state,
-                if view.reserved { " (reserved)" } else { "" }
+                if view.reserved { " (reserved)" } else { "" },
+                view.label
+                    .map(|l| format!(", label {l:?}"))
+                    .unwrap_or_default()
             ));
         }
     }

@@ -1713,6 +1713,33 @@ impl Executor {
         }
     }
 
+    /// What is left of a port's minimum off time (the `pdu_off_delay` of the machine on
+    /// it, or the default) since it was last switched off: a port is never switched on
+    /// again before.
+    fn min_off_wait(&self, pdu_name: &str, port_id: &str) -> Result<MinOffWait, ExecError> {
+        let min_off = self
+            .mars()
+            .duts
+            .values()
+            .find(|r| {
+                r.pdu.as_deref() == Some(pdu_name) && r.pdu_port_id.as_deref() == Some(port_id)
+            })
+            .map(|r| r.pdu_off_delay)
+            .unwrap_or(farmgate_wire::DEFAULT_PDU_OFF_DELAY);
+        let remaining = match self.inner.store.last_port_shutdown(pdu_name, port_id)? {
+            Some(off_at) => {
+                let off_for = (now() - off_at).to_std().unwrap_or_default();
+                Duration::from_secs_f64(min_off.max(0.0)).saturating_sub(off_for)
+            }
+            None => Duration::ZERO,
+        };
+        Ok(MinOffWait {
+            pdu: pdu_name.to_string(),
+            port: port_id.to_string(),
+            remaining,
+        })
+    }
+
     fn power_port_later(&self, pdu_name: &str, port_id: &str, state: PortState) {
         let pdu = match self.pdu_handle(pdu_name) {
             Ok(p) => p,
@@ -1724,7 +1751,14 @@ impl Executor {
         let port_id = port_id.to_string();
         let store = self.inner.store.clone();
         let monitor = self.inner.pdus.clone();
+        let wait = match state {
+            PortState::On => self.min_off_wait(pdu.name(), &port_id).ok(),
+            _ => None,
+        };
         tokio::spawn(async move {
+            if let Some(w) = wait {
+                w.sleep().await;
+            }
             match pdu.set(&port_id, state).await {
                 Ok(()) => {
                     monitor.note_state(pdu.name(), &port_id, state);
@@ -1965,7 +1999,11 @@ impl Executor {
                 port_id.clone(),
                 PortView {
                     port_id: port_id.clone(),
-                    label: dut.map(|(id, _)| self.full_name(mars, id)),
+                    label: record
+                        .port_labels
+                        .get(&port_id)
+                        .cloned()
+                        .or_else(|| dut.map(|(id, _)| self.full_name(mars, id))),
                     state: port.state,
                     reserved: record.reserved_port_ids.contains(&port_id),
                     min_off_time: dut
@@ -1999,6 +2037,7 @@ impl Executor {
             driver: reg.driver,
             config: reg.config,
             reserved_port_ids: reg.reserved_port_ids,
+            port_labels: Default::default(),
         };
         let pdu = farmgate_pdu::service::Pdu::new(
             &name,
@@ -2097,10 +2136,33 @@ impl Executor {
             .map(|(id, _)| id.clone());
         if let Some(reserved) = patch.reserved {
             self.edit_mars(|db| {
-                let p = db.pdus.get_mut(name).expect("checked");
+                let p = db
+                    .pdus
+                    .get_mut(name)
+                    .ok_or_else(|| ExecError::NotFound(format!("no PDU named {name}")))?;
                 p.reserved_port_ids.retain(|p| p != port_id);
                 if reserved {
                     p.reserved_port_ids.push(port_id.to_string());
+                }
+                Ok(())
+            })?;
+        }
+        if let Some(label) = patch.label {
+            let label = label.trim().to_string();
+            if label.len() > 200 || label.contains(['\n', '\r']) {
+                return Err(ExecError::BadRequest(
+                    "label: expected one line of at most 200 bytes".into(),
+                ));
+            }
+            self.edit_mars(|db| {
+                let p = db
+                    .pdus
+                    .get_mut(name)
+                    .ok_or_else(|| ExecError::NotFound(format!("no PDU named {name}")))?;
+                if label.is_empty() {
+                    p.port_labels.remove(port_id);
+                } else {
+                    p.port_labels.insert(port_id.to_string(), label.clone());
                 }
                 Ok(())
             })?;
@@ -2146,30 +2208,7 @@ impl Executor {
             }
             let pdu = self.pdu_handle(name)?;
             if state == PortState::On {
-                // Never on again before the port's minimum off time.
-                let min_off = self
-                    .mars()
-                    .duts
-                    .values()
-                    .find(|r| {
-                        r.pdu.as_deref() == Some(name) && r.pdu_port_id.as_deref() == Some(port_id)
-                    })
-                    .map(|r| r.pdu_off_delay)
-                    .unwrap_or(farmgate_wire::DEFAULT_PDU_OFF_DELAY);
-                if let Some(off_at) = self.inner.store.last_port_shutdown(name, port_id)? {
-                    let off_for = (now() - off_at).to_std().unwrap_or_default();
-                    let remaining =
-                        Duration::from_secs_f64(min_off.max(0.0)).saturating_sub(off_for);
-                    if !remaining.is_zero() {
-                        tracing::info!(
-                            pdu = name,
-                            port = port_id,
-                            ?remaining,
-                            "waiting for the port's minimum off time"
-                        );
-                        tokio::time::sleep(remaining).await;
-                    }
-                }
+                self.min_off_wait(name, port_id)?.sleep().await;
             }
             pdu.set(port_id, state)
                 .await
@@ -2197,6 +2236,27 @@ impl Executor {
             .config
             .runner_logs_dir()
             .join(format!("{job_id}.log"))
+    }
+}
+
+/// The rest of a port's minimum off time, to wait before switching it on.
+struct MinOffWait {
+    pdu: String,
+    port: String,
+    remaining: Duration,
+}
+
+impl MinOffWait {
+    async fn sleep(self) {
+        if !self.remaining.is_zero() {
+            tracing::info!(
+                pdu = %self.pdu,
+                port = %self.port,
+                remaining = ?self.remaining,
+                "waiting for the port's minimum off time"
+            );
+            tokio::time::sleep(self.remaining).await;
+        }
     }
 }
 

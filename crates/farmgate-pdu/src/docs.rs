@@ -249,6 +249,7 @@ mod tests {
             driver: driver.into(),
             config,
             reserved_port_ids: vec![],
+            port_labels: Default::default(),
         };
         let msg = match crate::driver_for("P", &rec) {
             Ok(_) => panic!("{driver} accepted an unknown key"),

@@ -15,6 +15,7 @@ fn record(driver: &str, config: &[(&str, YamlValue)]) -> PduRecord {
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect::<BTreeMap<_, _>>(),
         reserved_port_ids: vec![],
+        port_labels: Default::default(),
     }
 }
 

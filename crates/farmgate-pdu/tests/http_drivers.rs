@@ -485,6 +485,7 @@ fn driver(pdu: &str, name: &str, config: &[(&str, YamlValue)]) -> Box<dyn PduDri
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect::<BTreeMap<_, _>>(),
         reserved_port_ids: vec![],
+        port_labels: Default::default(),
     };
     match driver_for(pdu, &rec) {
         Ok(d) => d,
@@ -719,6 +720,7 @@ fn shelly_config_errors() {
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect(),
             reserved_port_ids: vec![],
+            port_labels: Default::default(),
         };
         match driver_for("CFG", &rec) {
             Ok(_) => panic!("expected a config error for {cfg:?}"),

@@ -64,6 +64,7 @@ fn driver(pdu: &str, config: &[(&str, YamlValue)]) -> Result<Box<dyn PduDriver>,
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect::<BTreeMap<_, _>>(),
         reserved_port_ids: vec![],
+        port_labels: Default::default(),
     };
     driver_for(pdu, &rec)
 }

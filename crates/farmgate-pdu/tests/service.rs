@@ -39,6 +39,7 @@ fn file_pdu(dir: &Path) -> PduRecord {
             .map(|(k, v)| (k.to_string(), YamlValue::String(v)))
             .collect::<BTreeMap<_, _>>(),
         reserved_port_ids: vec![],
+        port_labels: Default::default(),
     }
 }
 

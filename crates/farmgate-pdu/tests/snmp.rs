@@ -181,6 +181,7 @@ fn record(driver: &str, config: &[(&str, &str)]) -> PduRecord {
             .map(|(k, v)| (k.to_string(), YamlValue::String(v.to_string())))
             .collect::<BTreeMap<_, _>>(),
         reserved_port_ids: vec![],
+        port_labels: Default::default(),
     }
 }
 

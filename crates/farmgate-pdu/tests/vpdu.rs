@@ -79,6 +79,7 @@ fn record(config: &[(&str, YamlValue)]) -> PduRecord {
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect::<BTreeMap<_, _>>(),
         reserved_port_ids: vec![],
+        port_labels: Default::default(),
     }
 }
 

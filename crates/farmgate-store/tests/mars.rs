@@ -114,6 +114,7 @@ fn validate_names_the_dut_and_what_is_wrong() {
             driver: "vpdu".into(),
             config: Default::default(),
             reserved_port_ids: vec![],
+            port_labels: Default::default(),
         },
     );
     let on = |pdu: &str, port: &str| DutRecord {

@@ -256,6 +256,10 @@ pub struct PduRecord {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub reserved_port_ids: Vec<String>,
+    /// Admins' labels of ports (farmgate's addition; a port without one is labelled by
+    /// the machine on it).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_labels: BTreeMap<String, String>,
 }
 
 /// Default `pdu_off_delay` of seed 001: 30 s is enough for most power supplies.
@@ -613,6 +617,9 @@ pub struct PortPatch {
     /// Minimum off time in seconds for the DUT on this port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_off_time: Option<f64>,
+    /// The port's label (empty: back to the name of the machine on it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 /// `GET /api/v1/full-state`.

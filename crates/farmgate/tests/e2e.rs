@@ -810,6 +810,7 @@ async fn a_pdu_that_stops_answering_makes_its_duts_unavailable_until_it_answers(
             driver: "shell".into(),
             config: cfg,
             reserved_port_ids: vec![],
+            port_labels: Default::default(),
         },
     );
     let mut rec = db.duts.get(&mac(1)).expect("dut 1").clone();
@@ -973,7 +974,7 @@ async fn a_pdu_that_stops_answering_makes_its_duts_unavailable_until_it_answers(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn farmctl_pdu_lists_drivers_adds_checks_switches_and_reserves() {
+async fn farmctl_pdu_lists_drivers_adds_checks_switches_reserves_and_labels() {
     let gw = Gateway::start(GatewayOptions::default()).await;
     let run = |args: &'static [&'static str]| gw.farmctl_run_as(ADMIN, args, LIMIT);
     let r = run(&["pdu", "drivers"]).await;
@@ -1057,9 +1058,19 @@ async fn farmctl_pdu_lists_drivers_adds_checks_switches_and_reserves() {
         "{}",
         r.all()
     );
+    let r = run(&["pdu", "port", "FILES", "0", "label", "bench shelf 2"]).await;
+    assert_eq!(r.code, Some(0), "{}", r.all());
+    assert_eq!(gw.mars().pdus["FILES"].port_labels["0"], "bench shelf 2");
     let r = run(&["pdu", "list"]).await;
     assert_eq!(r.code, Some(0), "{}", r.all());
     assert!(r.stdout.contains("FILES (shell): answering"), "{}", r.all());
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("0 ") && l.ends_with("bench shelf 2")),
+        "{}",
+        r.all()
+    );
     assert!(
         r.stdout
             .lines()

@@ -238,6 +238,7 @@ impl Gateway {
                 driver: "vpdu".into(),
                 config,
                 reserved_port_ids: vec![],
+                port_labels: Default::default(),
             },
         );
         for (port, (tags, ready)) in &opts.duts {
@@ -279,6 +280,7 @@ impl Gateway {
                     driver: "qemu".into(),
                     config,
                     reserved_port_ids: vec![],
+                    port_labels: Default::default(),
                 },
             );
             for (port, (tags, ready)) in &opts.qemu_duts {
