@@ -422,20 +422,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The error and its sources, joined with `: `.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
+use farmgate_httpc::error_chain;
 
 /// What a request found under the lock.
 enum Step {
@@ -526,29 +513,13 @@ impl ArtifactCache {
             }
             attempt.follow()
         });
-        let mut builder = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .connect_timeout(cfg.upstream_timeout)
             .read_timeout(cfg.upstream_timeout)
             .redirect(policy)
             .no_proxy();
-        for (i, pem) in cfg.extra_ca_pem.iter().enumerate() {
-            let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
-                CacheError::Client(format!(
-                    "extra CA certificate bundle #{}: {}",
-                    i + 1,
-                    error_chain(&e)
-                ))
-            })?;
-            if certs.is_empty() {
-                return Err(CacheError::Client(format!(
-                    "extra CA certificate bundle #{}: no PEM certificate in it",
-                    i + 1
-                )));
-            }
-            for c in certs {
-                builder = builder.add_root_certificate(c);
-            }
-        }
+        let builder = farmgate_httpc::add_extra_roots(builder, &cfg.extra_ca_pem)
+            .map_err(CacheError::Client)?;
         let client = builder
             .build()
             .map_err(|e| CacheError::Client(error_chain(&e)))?;

@@ -291,56 +291,9 @@ pub(crate) fn excerpt(body: &str) -> String {
     format!("{s:?}")
 }
 
-/// Splits the parameters of a `WWW-Authenticate: Digest …` header.
+/// The parameters of a `WWW-Authenticate: Digest …` header.
 fn challenge_params(header: &str) -> Vec<(String, String)> {
-    let rest = header.trim_start();
-    let rest = rest.get(6..).unwrap_or("");
-    let mut out = Vec::new();
-    let mut chars = rest.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| c.is_whitespace() || *c == ',') {
-            chars.next();
-        }
-        let mut key = String::new();
-        while let Some(&c) = chars.peek() {
-            if c == '=' || c == ',' {
-                break;
-            }
-            key.push(c);
-            chars.next();
-        }
-        if key.trim().is_empty() {
-            break;
-        }
-        let mut value = String::new();
-        if chars.peek() == Some(&'=') {
-            chars.next();
-            if chars.peek() == Some(&'"') {
-                chars.next();
-                while let Some(c) = chars.next() {
-                    match c {
-                        '\\' => {
-                            if let Some(n) = chars.next() {
-                                value.push(n);
-                            }
-                        }
-                        '"' => break,
-                        c => value.push(c),
-                    }
-                }
-            } else {
-                while let Some(&c) = chars.peek() {
-                    if c == ',' {
-                        break;
-                    }
-                    value.push(c);
-                    chars.next();
-                }
-            }
-        }
-        out.push((key.trim().to_ascii_lowercase(), value.trim().to_string()));
-    }
-    out
+    farmgate_httpc::auth_params(header).1
 }
 
 /// The `Authorization` header answering a digest `challenge` (RFC 7616: SHA-256 or MD5,

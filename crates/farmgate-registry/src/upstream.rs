@@ -37,27 +37,11 @@ impl UpstreamClient {
         timeout: Duration,
         extra_ca_pem: &[Vec<u8>],
     ) -> Result<UpstreamClient, RegistryError> {
-        let mut builder = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .connect_timeout(timeout)
             .user_agent(concat!("farmgate-registry/", env!("CARGO_PKG_VERSION")));
-        for (i, pem) in extra_ca_pem.iter().enumerate() {
-            let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
-                RegistryError::Config(format!(
-                    "extra CA certificate #{} is not PEM: {}",
-                    i + 1,
-                    error_chain(&e)
-                ))
-            })?;
-            if certs.is_empty() {
-                return Err(RegistryError::Config(format!(
-                    "extra CA certificate #{} holds no PEM CERTIFICATE block",
-                    i + 1
-                )));
-            }
-            for c in certs {
-                builder = builder.add_root_certificate(c);
-            }
-        }
+        let builder = farmgate_httpc::add_extra_roots(builder, extra_ca_pem)
+            .map_err(RegistryError::Config)?;
         let http = builder
             .build()
             .map_err(|e| RegistryError::Config(format!("cannot build the HTTP client: {e}")))?;
@@ -265,17 +249,7 @@ fn bearer(token: &str) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid"))
 }
 
-/// The chain of causes of a reqwest error (its Display alone says little).
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub(crate) use farmgate_httpc::error_chain;
 
 /// The cause chain of a failed request, led by a plain statement when it is a TLS
 /// certificate rejection (the chain alone reads like `invalid peer certificate:
@@ -307,57 +281,12 @@ pub(crate) enum Challenge {
 /// Parses `Bearer realm="...",service="...",scope="..."` (quoted values may contain commas
 /// and backslash escapes) or `Basic ...`.
 pub(crate) fn parse_challenge(s: &str) -> Option<Challenge> {
-    let s = s.trim();
-    let (scheme, rest) = s.split_once(' ').unwrap_or((s, ""));
-    if scheme.eq_ignore_ascii_case("basic") {
-        return Some(Challenge::Basic);
+    let (scheme, params) = farmgate_httpc::auth_params(s);
+    match scheme.as_str() {
+        "basic" => Some(Challenge::Basic),
+        "bearer" => Some(Challenge::Bearer(params.into_iter().collect())),
+        _ => None,
     }
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
-    }
-    let mut params = HashMap::new();
-    let mut chars = rest.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
-            chars.next();
-        }
-        let mut key = String::new();
-        while let Some(&c) = chars.peek() {
-            if c == '=' {
-                break;
-            }
-            key.push(c);
-            chars.next();
-        }
-        if key.is_empty() || chars.next() != Some('=') {
-            break;
-        }
-        let mut value = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            while let Some(c) = chars.next() {
-                match c {
-                    '\\' => {
-                        if let Some(n) = chars.next() {
-                            value.push(n);
-                        }
-                    }
-                    '"' => break,
-                    c => value.push(c),
-                }
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c == ',' {
-                    break;
-                }
-                value.push(c);
-                chars.next();
-            }
-        }
-        params.insert(key.trim().to_ascii_lowercase(), value.trim().to_owned());
-    }
-    Some(Challenge::Bearer(params))
 }
 
 #[cfg(test)]

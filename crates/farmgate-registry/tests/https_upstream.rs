@@ -169,5 +169,5 @@ fn extra_ca_that_is_not_pem_is_a_config_error() {
         Ok(_) => panic!("a non-PEM CA was accepted"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("extra CA certificate #1"), "{err}");
+    assert!(err.contains("extra CA certificate bundle #1"), "{err}");
 }

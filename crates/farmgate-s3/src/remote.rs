@@ -59,19 +59,7 @@ pub(crate) struct Remote {
     client: reqwest::Client,
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
+use farmgate_httpc::error_chain;
 
 fn new_client() -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
