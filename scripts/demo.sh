@@ -144,6 +144,7 @@ YAML
     run_args=()
 fi
 
+echo "== dashboard: http://127.0.0.1:$API_PORT/ (metrics at /metrics)"
 echo "== farmctl run -w ${run_args[*]} $job (waits for a trained machine)"
 set +e
 "$bin/farmctl" run -w "${run_args[@]}" "$job"

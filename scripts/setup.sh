@@ -7,14 +7,15 @@
 # clients and peers the tests and benchmarks talk to (DHCP and TFTP clients, dnsmasq,
 # ser2net), the S3 and registry clients and peers (s3cmd, boto3, aws-cli, moto's S3
 # server, skopeo, podman, docker-registry, openssl for test certificates) and net-snmp's
-# agent and tools (snmpd, snmpget) for the SNMP PDU drivers.
+# agent and tools (snmpd, snmpget) for the SNMP PDU drivers, and Chromium with its
+# WebDriver for the dashboard's browser tests.
 set -euo pipefail
 
 need_apt=()
 for pkg in gcc pkg-config curl python3 iproute2 \
     qemu-system-x86 ipxe-qemu ipxe busybox-static linux-image-amd64 \
     udhcpc isc-dhcp-client tftp-hpa dnsmasq-base ser2net python3-boto3 s3cmd \
-    skopeo docker-registry podman openssl snmpd snmp; do
+    skopeo docker-registry podman openssl snmpd snmp chromium chromium-driver; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -30,6 +31,17 @@ fi
 if ! python3 -c "import boto3, awscli, moto.server" >/dev/null 2>&1 || ! command -v aws >/dev/null 2>&1; then
     echo "setup: installing aws-cli, boto3 and moto[server] (PyPI)"
     python3 -m pip install --quiet awscli boto3 'moto[server]'
+fi
+
+# The dashboard's terminal emulator (npm @xterm/xterm), built into the gateway binary.
+ui_dir="$(cd "$(dirname "$0")/.." && pwd)/crates/farmgate-api/ui"
+if [ ! -f "$ui_dir/node_modules/@xterm/xterm/lib/xterm.js" ]; then
+    if command -v npm >/dev/null 2>&1; then
+        echo "setup: installing the dashboard's front-end packages (npm ci)"
+        (cd "$ui_dir" && npm ci --no-audit --no-fund --loglevel=error)
+    else
+        echo "setup: npm is missing: the dashboard will show consoles as plain text" >&2
+    fi
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

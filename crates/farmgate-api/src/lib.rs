@@ -11,6 +11,8 @@
 //! another's port; submitting and cancelling jobs needs the submit token (or the admin
 //! token); everything that changes the farm needs the admin token.
 
+mod ui;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -101,8 +103,22 @@ fn authorize_dut(state: &AppState, headers: &HeaderMap, peer: SocketAddr) -> Api
 struct AppState {
     exec: Executor,
     tokens: Tokens,
-    /// Where `storage.http` URLs are fetched through (download once for every DUT).
-    cache: Option<farmgate_cache::ArtifactCache>,
+    extras: Extras,
+}
+
+/// The other services of the gateway the executor API reaches: the artifact cache
+/// (job `storage.http` URLs are fetched through it), SALAD (the dashboard's consoles)
+/// and the registry cache (its statistics in `/metrics`); each is optional.
+#[derive(Clone, Default)]
+pub struct Extras {
+    /// The artifact cache.
+    pub cache: Option<farmgate_cache::ArtifactCache>,
+    /// The console relay.
+    pub salad: Option<Salad>,
+    /// The OCI registry cache.
+    pub registry: Option<farmgate_registry::RegistryCache>,
+    /// Where the dashboard's xterm.js comes from (default: Debian's libjs-xterm).
+    pub ui_vendor_dir: Option<std::path::PathBuf>,
 }
 
 /// An error answer.
@@ -214,17 +230,20 @@ fn authorize(state: &AppState, headers: &HeaderMap, role: Role) -> ApiResult<()>
 }
 
 /// The executor's router (seed 001 paths).
-pub fn executor_router(
-    exec: Executor,
-    tokens: Tokens,
-    cache: Option<farmgate_cache::ArtifactCache>,
-) -> Router {
+pub fn executor_router(exec: Executor, tokens: Tokens, extras: Extras) -> Router {
     let state = AppState {
         exec,
         tokens,
-        cache,
+        extras,
     };
     Router::new()
+        .route("/", get(ui::index))
+        .route("/ui/app.js", get(ui::app_js))
+        .route("/ui/style.css", get(ui::style_css))
+        .route("/ui/vendor/{file}", get(ui::vendor))
+        .route("/api/v1/auth", get(ui::whoami))
+        .route("/api/v1/dut/{id}/console/ws", get(ui::console_ws))
+        .route("/metrics", get(ui::metrics))
         .route("/api/v1/duts", get(list_duts))
         .route("/api/v1/dut", post(register_dut).put(register_dut))
         .route("/api/v1/dut/", post(register_dut).put(register_dut))
@@ -403,7 +422,7 @@ async fn storage_file(
         }
         farmgate_executor::storage::StorageContent::Url(url) => {
             let range = headers.get(header::RANGE).cloned();
-            if let Some(cache) = &st.cache
+            if let Some(cache) = &st.extras.cache
                 && let Some(resp) = cache.fetch(&url, range).await
             {
                 return Ok(storage_answer_from_cache(&path, &url, resp).await);

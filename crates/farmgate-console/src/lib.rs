@@ -429,6 +429,25 @@ struct Machine {
     log_port: u16,
     client: Option<Client>,
     log: broadcast::Sender<Bytes>,
+    bytes: Arc<ByteCounters>,
+}
+
+/// Console bytes of one machine since SALAD started.
+#[derive(Debug, Default)]
+struct ByteCounters {
+    /// Output of the machine (what its console printed).
+    from_machine: std::sync::atomic::AtomicU64,
+    /// Input written to the machine's console by clients.
+    to_machine: std::sync::atomic::AtomicU64,
+}
+
+/// Console bytes of one machine since SALAD started (see [`Salad::console_bytes`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ConsoleBytes {
+    /// Output of the machine's console.
+    pub from_machine: u64,
+    /// Input written to it by clients.
+    pub to_machine: u64,
 }
 
 impl Machine {
@@ -537,6 +556,7 @@ struct Sinks {
     bound: bool,
     client: Option<mpsc::Sender<Bytes>>,
     log: Option<broadcast::Sender<Bytes>>,
+    bytes: Option<Arc<ByteCounters>>,
 }
 
 /// What to do with one read of console output.
@@ -694,6 +714,7 @@ impl Salad {
             log_port,
             client: None,
             log: broadcast::channel(LOG_QUEUE).0,
+            bytes: Arc::new(ByteCounters::default()),
         };
         let info = machine.info();
         state.machines.insert(id.clone(), machine);
@@ -702,6 +723,58 @@ impl Salad {
         tokio::spawn(self.clone().serve_machine(id.clone(), listener));
         tokio::spawn(self.clone().serve_log(id, log_listener));
         Ok(info)
+    }
+
+    /// Writes client input to machine `id`'s console (dropped when it has none open),
+    /// beside the relay client: callers decide who may type (the dashboard lets an admin
+    /// type only into a machine no job uses).
+    pub async fn write_input(&self, id: &str, data: &[u8]) {
+        match self.writer_of_machine(id) {
+            Some(w) => match w.write_all(data).await {
+                Ok(()) => {
+                    if let Some(m) = self.state().machines.get(id) {
+                        m.bytes
+                            .to_machine
+                            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(machine = %id, "SALAD: writing client input to the console: {e}")
+                }
+            },
+            None => tracing::debug!(machine = %id, "SALAD: no console for client input; dropped"),
+        }
+    }
+
+    /// Console bytes of every machine since SALAD started.
+    pub fn console_bytes(&self) -> BTreeMap<String, ConsoleBytes> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.state()
+            .machines
+            .iter()
+            .map(|(id, m)| {
+                (
+                    id.clone(),
+                    ConsoleBytes {
+                        from_machine: m.bytes.from_machine.load(Relaxed),
+                        to_machine: m.bytes.to_machine.load(Relaxed),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// A read-only copy of machine `id`'s console output from now on (like a client of
+    /// its log port; a receiver that lags loses output). `None` for an unknown machine
+    /// or when the machine has its maximum of log clients.
+    pub fn watch_console(&self, id: &str) -> Option<broadcast::Receiver<Bytes>> {
+        let id = id.to_ascii_lowercase();
+        let state = self.state();
+        state
+            .machines
+            .get(&id)
+            .filter(|m| m.log.receiver_count() < MAX_LOG_CLIENTS)
+            .map(|m| m.log.subscribe())
     }
 
     /// The serial device (as matched by the glob) bound to a machine, if any. The binding
@@ -791,6 +864,7 @@ impl Salad {
                 bound: true,
                 client: m.client.as_ref().map(|c| c.tx.clone()),
                 log: (m.log.receiver_count() > 0).then(|| m.log.clone()),
+                bytes: Some(m.bytes.clone()),
             },
             None => Sinks {
                 bound: true,
@@ -1163,14 +1237,7 @@ impl Salad {
                 _ = self.inner.cancel.cancelled() => break,
                 r = rd.read(&mut buf) => match r {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => match self.writer_of_machine(&id) {
-                        Some(w) => {
-                            if let Err(e) = w.write_all(&buf[..n]).await {
-                                tracing::debug!(machine = %id, "SALAD: writing client input to the console: {e}");
-                            }
-                        }
-                        None => tracing::debug!(machine = %id, "SALAD: no console for client input; dropped"),
-                    },
+                    Ok(n) => self.write_input(&id, &buf[..n]).await,
                 },
                 out = rx.recv() => match out {
                     Some(bytes) => {
@@ -1228,6 +1295,10 @@ fn route(routed: &mut Routed, sinks: &Sinks, bytes: &[u8], backlog: Option<&mut 
         return;
     }
     if sinks.bound {
+        if let Some(c) = &sinks.bytes {
+            c.from_machine
+                .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         if sinks.client.is_some() || sinks.log.is_some() {
             routed
                 .sends

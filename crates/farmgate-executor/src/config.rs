@@ -95,6 +95,9 @@ pub struct GatewayConfig {
     /// `FARMGATE_PDU_POLL_INTERVAL`: seconds between two reads of every PDU's ports
     /// (default 1). A PDU failing 3 polls in a row counts as not answering.
     pub pdu_poll_interval: Duration,
+    /// `FARMGATE_UI_VENDOR_DIR`: a directory with the dashboard's xterm.js and xterm.css,
+    /// served instead of those built into the binary.
+    pub ui_vendor_dir: Option<PathBuf>,
     /// `BOOTS_DEFAULT_*`: every default boot variable, by its full name.
     pub boots_defaults: BTreeMap<String, String>,
     /// `CONSOLE_PATTERN_DEFAULT_MACHINE_UNFIT_FOR_SERVICE_REGEX`: farm-wide unfit pattern.
@@ -433,6 +436,7 @@ impl GatewayConfig {
                 }
                 Duration::from_secs_f64(d)
             },
+            ui_vendor_dir: get("FARMGATE_UI_VENDOR_DIR").map(PathBuf::from),
             boots_defaults,
             default_unfit_regex,
             bootloop_job: get("EXECUTOR_BOOTLOOP_JOB").map(PathBuf::from),

@@ -112,6 +112,8 @@ struct Inner {
     job_storage: Option<Arc<dyn crate::jobspace::JobStorage>>,
     /// Polls the PDUs; the power layer of the daemon's own switches.
     pdus: farmgate_pdu::service::PduMonitor,
+    /// Histograms and counters of the jobs that are over (`/metrics`).
+    metrics: Mutex<crate::metrics::ExecMetrics>,
 }
 
 /// What the store remembers of a job's share space, to remove it when the job is over.
@@ -238,6 +240,7 @@ impl Executor {
             job_storage,
             mars_watcher: Mutex::new(None),
             pdus,
+            metrics: Mutex::new(Default::default()),
         });
         let exec = Executor { inner };
         exec.recover()?;
@@ -357,11 +360,7 @@ impl Executor {
             let rt = match saved.get(&id) {
                 Some(rt) if rt.current_job.is_some() => rt.clone(),
                 Some(rt) if same_boot => rt.clone(),
-                _ => DutRuntime {
-                    state: self.start_state(record),
-                    current_job: None,
-                    training: None,
-                },
+                _ => DutRuntime::new(self.start_state(record)),
             };
             s.duts.insert(id, rt);
         }
@@ -427,7 +426,7 @@ impl Executor {
         if let Some(rt) = s.duts.get_mut(id) {
             if rt.state != state {
                 tracing::info!(dut_id = id, from = %rt.state, to = %state, "DUT state change");
-                rt.state = state;
+                rt.enter(state);
                 if state != DutState::Training && state != DutState::QuickCheck {
                     rt.training = None;
                 }
@@ -460,11 +459,7 @@ impl Executor {
         for (id, record) in &mars.duts {
             let id = id.to_lowercase();
             if let std::collections::btree_map::Entry::Vacant(slot) = s.duts.entry(id.clone()) {
-                let rt = DutRuntime {
-                    state: self.start_state(record),
-                    current_job: None,
-                    training: None,
-                };
+                let rt = DutRuntime::new(self.start_state(record));
                 tracing::info!(dut_id = %id, state = %rt.state, "new DUT");
                 self.save_rt(&id, &rt);
                 slot.insert(rt);
@@ -823,7 +818,7 @@ impl Executor {
         if let Some(rt) = s.duts.get_mut(dut_id) {
             rt.current_job = Some(job_id.to_string());
             if user_job {
-                rt.state = DutState::Queued;
+                rt.enter(DutState::Queued);
             }
             let rt = rt.clone();
             self.save_rt(dut_id, &rt);
@@ -932,12 +927,20 @@ impl Executor {
                 return;
             }
             Ok(Some(row)) if row.state != JobState::Finished => {
-                // The runner is gone without writing a result.
+                // The runner is gone without writing a result: a cancel that stopped it
+                // before it could take the signal, or a crash.
                 let _ = self.inner.store.finish_job(
                     job_id,
                     JobStatus::Incomplete,
-                    "the job runner process exited without a result (see its log in the state directory)",
+                    if row.cancel_requested {
+                        "job cancelled (its runner was stopped before it could report)"
+                    } else {
+                        "the job runner process exited without a result (see its log in the state directory)"
+                    },
                 );
+                if let Some(dut) = &row.dut_id {
+                    self.power_off_dut_of(dut);
+                }
             }
             _ => {}
         }
@@ -1011,6 +1014,7 @@ impl Executor {
         }
         rt.current_job = None;
         self.remove_job_space(job_id);
+        self.observe_job_later(&row);
         let unfit = self
             .inner
             .store
@@ -1099,11 +1103,11 @@ impl Executor {
             if let Some(rt) = s.duts.get_mut(dut_id) {
                 rt.training = None;
                 // Leave TRAINING/QUICK_CHECK so settle() recomputes from the record.
-                rt.state = if ready {
+                rt.enter(if ready {
                     DutState::Idle
                 } else {
                     DutState::Training
-                };
+                });
                 let rt = rt.clone();
                 self.save_rt(dut_id, &rt);
             }
@@ -1177,8 +1181,13 @@ impl Executor {
                 let _ = store.finish_job(
                     &row.job_id,
                     JobStatus::Incomplete,
-                    "the job runner process died (its DUT lock was released without a result)",
+                    if row.cancel_requested {
+                        "job cancelled (its runner was stopped before it could report)"
+                    } else {
+                        "the job runner process died (its DUT lock was released without a result)"
+                    },
                 );
+                self.power_off_dut_of(&dut_id);
                 let mut s = lock(&self.inner.sched);
                 self.job_over(&mut s, &row.job_id);
             } else if row.runner_pid.is_none() {
@@ -1501,6 +1510,7 @@ impl Executor {
             state: rt.map(|r| r.state).unwrap_or(DutState::Idle),
             current_job: rt.and_then(|r| r.current_job.clone()),
             training: rt.and_then(|r| r.training),
+            state_since: rt.and_then(|r| r.state_since).map(|t| t.to_rfc3339()),
             unavailable: self.unavailable(record),
             record: record.clone(),
         }
@@ -1771,6 +1781,71 @@ impl Executor {
                 }
             }
         });
+    }
+
+    /// Measures a job that is over (its gateway messages are read off the lock).
+    fn observe_job_later(&self, row: &farmgate_store::JobRow) {
+        let (me, row) = (self.clone(), row.clone());
+        tokio::task::spawn_blocking(move || {
+            let ctrl = me
+                .inner
+                .store
+                .events_of_kind(&row.job_id, farmgate_wire::EventKind::Ctrl)
+                .unwrap_or_default();
+            lock(&me.inner.metrics).observe_job(&row, &ctrl);
+        });
+    }
+
+    /// What `/metrics` shows of the executor: DUTs, queue, jobs, PDUs.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let mars = self.mars();
+        let (duts, queue_depth) = {
+            let s = lock(&self.inner.sched);
+            let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
+            let mut unavailable = 0;
+            for (id, rt) in &s.duts {
+                *by_state.entry(rt.state.as_str()).or_default() += 1;
+                if Self::record_of(&mars, id).is_some_and(|(_, r)| self.unavailable(&r).is_some()) {
+                    unavailable += 1;
+                }
+            }
+            ((by_state, unavailable), s.queue.len() as u64)
+        };
+        let oldest_queued = self
+            .inner
+            .store
+            .queued_jobs()
+            .ok()
+            .and_then(|q| q.iter().map(|j| j.submitted_at).min())
+            .map(|t| (now() - t).num_milliseconds().max(0) as f64 / 1000.0);
+        let pdus = mars
+            .pdus
+            .keys()
+            .filter_map(|name| Some((name.clone(), self.inner.pdus.status(name)?)))
+            .collect();
+        MetricsSnapshot {
+            duts_by_state: duts
+                .0
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            duts_unavailable: duts.1,
+            queue_depth,
+            oldest_queued_seconds: oldest_queued,
+            job_counts: self.inner.store.job_counts().unwrap_or_default(),
+            jobs: lock(&self.inner.metrics).clone(),
+            pdus,
+        }
+    }
+
+    /// Switches a DUT off whose job ended without its runner's teardown.
+    fn power_off_dut_of(&self, dut_id: &str) {
+        let mars = self.mars();
+        if let Some((_, r)) = Self::record_of(&mars, dut_id)
+            && let (Some(pdu), Some(port)) = (&r.pdu, &r.pdu_port_id)
+        {
+            self.power_port_later(pdu, port, PortState::Off);
+        }
     }
 
     /// The power layer's handle on a PDU of the MaRS DB.
@@ -2237,6 +2312,25 @@ impl Executor {
             .runner_logs_dir()
             .join(format!("{job_id}.log"))
     }
+}
+
+/// What the executor knows for `/metrics` at one moment.
+#[derive(Debug, Clone)]
+pub struct MetricsSnapshot {
+    /// DUTs per state.
+    pub duts_by_state: BTreeMap<String, u64>,
+    /// DUTs whose PDU does not answer.
+    pub duts_unavailable: u64,
+    /// User jobs waiting for a DUT.
+    pub queue_depth: u64,
+    /// How long the oldest of them has waited.
+    pub oldest_queued_seconds: Option<f64>,
+    /// Jobs in the store by kind, state and status.
+    pub job_counts: Vec<farmgate_store::JobCount>,
+    /// Histograms and counters of jobs that are over (since the daemon started).
+    pub jobs: crate::metrics::ExecMetrics,
+    /// Each PDU's last polled status.
+    pub pdus: BTreeMap<String, farmgate_pdu::service::PduStatus>,
 }
 
 /// The rest of a port's minimum off time, to wait before switching it on.

@@ -14,6 +14,7 @@ pub mod config;
 pub mod console_link;
 pub mod executor;
 pub mod jobspace;
+pub mod metrics;
 pub mod runner;
 pub mod spawn;
 pub mod spec;
@@ -39,17 +40,27 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
 /// Wait until the process is asked to stop (SIGTERM or SIGINT). If the handlers cannot
 /// be installed, never returns: the process then stops only when killed.
 pub async fn stop_requested() {
+    stop_signal().await
+}
+
+/// [`stop_requested`], with the handlers installed at once (when this is called, not
+/// when the future is first polled), so a signal arriving before the future runs is
+/// not lost, nor does it kill the process.
+pub fn stop_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    );
+    async move {
+        match handlers {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
+            _ => std::future::pending().await,
         }
-        _ => std::future::pending().await,
     }
 }

@@ -123,6 +123,9 @@ fn human(d: Option<Duration>) -> String {
 /// runner itself (database unreachable, job row missing); everything about the job and
 /// the DUT ends as a status with a reason.
 pub async fn run_job(store: Arc<dyn Store>, job_id: &str) -> anyhow::Result<JobStatus> {
+    // First of all: the daemon may cancel the job (SIGTERM) as soon as it started us.
+    let cancel = CancellationToken::new();
+    spawn_cancel_watchers(store.clone(), job_id.to_string(), cancel.clone());
     let row = {
         let store = store.clone();
         let id = job_id.to_string();
@@ -170,9 +173,6 @@ pub async fn run_job(store: Arc<dyn Store>, job_id: &str) -> anyhow::Result<JobS
         job_id: job_id.to_string(),
         pending: Vec::new(),
     };
-    let cancel = CancellationToken::new();
-    spawn_cancel_watchers(store.clone(), job_id.to_string(), cancel.clone());
-
     let (status, reason, unfit) = match prepare(&spec, &row) {
         Err(why) => (JobStatus::SetupFail, why, false),
         Ok((job, driver)) => {
@@ -258,8 +258,9 @@ async fn record_shutdown(store: &Arc<dyn Store>, spec: &RunnerSpec) {
 /// Cancel on SIGTERM/SIGINT, or when the daemon marks the job cancelled in the database.
 fn spawn_cancel_watchers(store: Arc<dyn Store>, job_id: String, cancel: CancellationToken) {
     let c = cancel.clone();
+    let stop = crate::stop_signal();
     tokio::spawn(async move {
-        crate::stop_requested().await;
+        stop.await;
         c.cancel();
     });
     tokio::spawn(async move {

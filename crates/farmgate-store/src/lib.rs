@@ -135,6 +135,19 @@ pub struct JobRow {
     pub wait: bool,
 }
 
+/// A number of jobs of one kind, state and status ([`Store::job_counts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobCount {
+    /// Kind.
+    pub kind: JobKind,
+    /// State.
+    pub state: JobState,
+    /// Final status (finished jobs).
+    pub status: Option<JobStatus>,
+    /// How many.
+    pub count: u64,
+}
+
 /// RFC 3339 text of a time, UTC, with milliseconds: the format of the REST API.
 pub fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
@@ -168,6 +181,29 @@ pub struct DutRuntime {
     /// Boot-loop progress while training or quick-checking.
     #[serde(default)]
     pub training: Option<TrainingProgress>,
+    /// When the DUT entered its state (unknown for states saved by older versions).
+    #[serde(default)]
+    pub state_since: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl DutRuntime {
+    /// A DUT that has just entered `state`.
+    pub fn new(state: DutState) -> DutRuntime {
+        DutRuntime {
+            state,
+            current_job: None,
+            training: None,
+            state_since: Some(chrono::Utc::now()),
+        }
+    }
+
+    /// Moves to `state`, noting when, if it is another state.
+    pub fn enter(&mut self, state: DutState) {
+        if self.state != state {
+            self.state = state;
+            self.state_since = Some(chrono::Utc::now());
+        }
+    }
 }
 
 /// The store of jobs, events and runtime state.
@@ -233,6 +269,12 @@ pub trait Store: Send + Sync {
         after: i64,
         limit: usize,
     ) -> Result<Vec<JobEvent>, StoreError>;
+
+    /// Every event of one kind of the job (e.g. the gateway's messages), in order.
+    fn events_of_kind(&self, job_id: &str, kind: EventKind) -> Result<Vec<JobEvent>, StoreError>;
+
+    /// How many jobs there are of each kind, state and final status.
+    fn job_counts(&self) -> Result<Vec<JobCount>, StoreError>;
 
     /// The saved runtime state of a DUT.
     fn dut_runtime(&self, dut_id: &str) -> Result<Option<DutRuntime>, StoreError>;

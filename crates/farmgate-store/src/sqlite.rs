@@ -253,6 +253,49 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Events of a job after `after`, all kinds or one, in order.
+    fn select_events(
+        &self,
+        job_id: &str,
+        kind: Option<EventKind>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<JobEvent>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, date, msg_type, payload FROM job_events \
+             WHERE job_id = ?1 AND seq > ?2 AND (?3 IS NULL OR msg_type = ?3) \
+             ORDER BY seq LIMIT ?4",
+        )?;
+        let raws = stmt
+            .query_map(
+                params![job_id, after, kind.map(|k| k.as_str()), limit],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                },
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        raws.into_iter()
+            .map(|(seq, date, msg_type, payload)| {
+                let msg_type = msg_type
+                    .parse::<EventKind>()
+                    .map_err(|e| corrupt(job_id, &format!("event {seq}"), e))?;
+                Ok(JobEvent {
+                    seq,
+                    date,
+                    msg_type,
+                    payload,
+                })
+            })
+            .collect()
+    }
+
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the connection leaves no transaction open (dropping a
         // transaction rolls it back), so the connection is still usable.
@@ -552,35 +595,11 @@ impl Store for SqliteStore {
         after: i64,
         limit: usize,
     ) -> Result<Vec<JobEvent>, StoreError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT seq, date, msg_type, payload FROM job_events \
-             WHERE job_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-        )?;
-        let raws = stmt
-            .query_map(params![job_id, after, limit], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                ))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        raws.into_iter()
-            .map(|(seq, date, msg_type, payload)| {
-                let msg_type = msg_type
-                    .parse::<EventKind>()
-                    .map_err(|e| corrupt(job_id, &format!("event {seq}"), e))?;
-                Ok(JobEvent {
-                    seq,
-                    date,
-                    msg_type,
-                    payload,
-                })
-            })
-            .collect()
+        self.select_events(job_id, None, after, limit)
+    }
+
+    fn events_of_kind(&self, job_id: &str, kind: EventKind) -> Result<Vec<JobEvent>, StoreError> {
+        self.select_events(job_id, Some(kind), 0, usize::MAX)
     }
 
     fn dut_runtime(&self, dut_id: &str) -> Result<Option<DutRuntime>, StoreError> {
@@ -593,6 +612,37 @@ impl Store for SqliteStore {
             )
             .optional()?;
         json.map(|j| parse_runtime(dut_id, &j)).transpose()
+    }
+
+    fn job_counts(&self) -> Result<Vec<crate::JobCount>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT kind, state, status, COUNT(*) FROM jobs GROUP BY kind, state, status",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(kind, state, status, count)| {
+                let what = "job counts";
+                Ok(crate::JobCount {
+                    kind: kind.parse().map_err(|e| corrupt(what, "kind", e))?,
+                    state: state.parse().map_err(|e| corrupt(what, "state", e))?,
+                    status: status
+                        .map(|s| s.parse())
+                        .transpose()
+                        .map_err(|e| corrupt(what, "status", e))?,
+                    count: u64::try_from(count).unwrap_or(0),
+                })
+            })
+            .collect()
     }
 
     fn all_dut_runtime(&self) -> Result<BTreeMap<String, DutRuntime>, StoreError> {

@@ -254,12 +254,9 @@ fn dut_runtime_ports_and_kv_round_trip() {
             rounds_total: 100,
             rounds_needed: 100,
         }),
+        state_since: Some(chrono::Utc::now()),
     };
-    let idle = DutRuntime {
-        state: DutState::Idle,
-        current_job: None,
-        training: None,
-    };
+    let idle = DutRuntime::new(DutState::Idle);
     store.set_dut_runtime("aa", &training).unwrap();
     store.set_dut_runtime("bb", &idle).unwrap();
     assert_eq!(store.dut_runtime("aa").unwrap(), Some(training.clone()));

@@ -369,6 +369,9 @@ pub struct DutView {
     /// Sergeant Hartman's progress while training: rounds done and passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingProgress>,
+    /// When the DUT entered its state (RFC 3339), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_since: Option<String>,
     /// Why the DUT cannot be used right now although its state would allow it (its
     /// PDU does not answer); it gets no job until this clears.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -503,7 +503,7 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
                 .with_graceful_shutdown(async move { sd.cancelled().await })
                 .into_future(),
         );
-        Some(local)
+        Some((local, registry))
     };
     // Every known machine has its console relay port from the start, so a job runner can
     // attach before a network console (a QEMU machine) ever printed its id.
@@ -633,12 +633,12 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         dhcp = ?dhcp,
         network_consoles = ?salad.tcpconsole_addr(),
         s3 = ?s3.as_ref().map(|_| config.storage.s3_port),
-        registry = ?registry,
+        registry = ?registry.as_ref().map(|(addr, _)| addr),
         "farmgate is serving"
     );
     let sd = shutdown.clone();
     let salad_server = tokio::spawn(
-        axum::serve(salad_listener, farmgate_api::salad_router(salad))
+        axum::serve(salad_listener, farmgate_api::salad_router(salad.clone()))
             .with_graceful_shutdown(async move { sd.cancelled().await })
             .into_future(),
     );
@@ -650,7 +650,12 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
             .merge(farmgate_api::executor_router(
                 exec,
                 tokens,
-                Some(cache.clone()),
+                farmgate_api::Extras {
+                    cache: Some(cache.clone()),
+                    salad: Some(salad.clone()),
+                    registry: registry.map(|(_, r)| r),
+                    ui_vendor_dir: config.ui_vendor_dir.clone(),
+                },
             ))
             .into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )

@@ -599,7 +599,8 @@ async fn cancel_ends_a_running_job() {
     assert_eq!(out.status.code(), code(JobStatus::Incomplete));
     let view = gw.job("long-job-1").await;
     assert_eq!(view.status, Some(JobStatus::Incomplete));
-    assert!(view.reason.unwrap_or_default().contains("cancelled"));
+    let reason = view.reason.unwrap_or_default();
+    assert!(reason.contains("cancelled"), "{reason}\n{}", gw.logs());
     gw.wait_state(1, DutState::Idle, LIMIT).await;
     gw.stop().await;
 }
