@@ -2087,6 +2087,9 @@ impl Executor {
                     last_shutdown: last.map(|t| t.to_rfc3339()),
                     last_change: port.last_change.map(rfc3339),
                     measure: port.measure,
+                    instant_power: port.measure.and_then(|m| m.power_w),
+                    energy: port.measure.and_then(|m| m.energy_wh),
+                    last_polled: st.last_ok.map(rfc3339),
                 },
             );
         }

@@ -503,6 +503,15 @@ pub struct PortView {
     /// Power, energy, current and voltage, when the PDU measures them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub measure: Option<PortMeasure>,
+    /// CI-tron's name for the power in watts (the same as `measure.power_w`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instant_power: Option<f64>,
+    /// CI-tron's name for the energy counter, in watt-hours (`measure.energy_wh`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy: Option<f64>,
+    /// When the port's state was last read from the PDU (RFC 3339; CI-tron's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_polled: Option<String>,
 }
 
 /// What a PDU measured on one port. Each field is `None` when the device does not
