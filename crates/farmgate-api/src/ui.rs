@@ -143,13 +143,19 @@ pub(crate) async fn console_ws(
         st.extras.salad.clone().ok_or_else(|| {
             ApiError::new(StatusCode::NOT_FOUND, "this gateway relays no consoles")
         })?;
-    let output = salad.watch_console(&view.id).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("no console stream for machine {}: SALAD does not know it yet, or it has too many viewers", view.id),
-        )
-    })?;
     let id = view.id;
+    let Some(output) = salad.watch_console(&id) else {
+        // Said on the socket, where the page shows it (a browser does not see the body
+        // of a refused upgrade).
+        let why = format!(
+            "no console stream for machine {id}: SALAD does not know it yet, or it has too many viewers"
+        );
+        return Ok(ws.on_upgrade(move |mut socket| async move {
+            let msg = serde_json::json!({ "error": why }).to_string();
+            let _ = socket.send(Message::Text(msg.into())).await;
+            let _ = socket.send(Message::Close(None)).await;
+        }));
+    };
     Ok(ws.on_upgrade(move |socket| console_session(st, salad, id, output, socket)))
 }
 
