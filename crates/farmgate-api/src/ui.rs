@@ -466,21 +466,7 @@ pub(crate) async fn metrics(State(st): State<AppState>) -> Response {
             }
         }
     }
-    x.family(
-        "farmgate_pdu_switches_total",
-        "counter",
-        "Switch commands of the gateway daemon (REST, discovery, power-offs; the switches of job processes are not counted here) by result, after retries.",
-    );
-    x.family(
-        "farmgate_pdu_reads_total",
-        "counter",
-        "PDU reads of the gateway daemon (its polls) by result.",
-    );
-    x.family(
-        "farmgate_pdu_retries_total",
-        "counter",
-        "PDU operations of the gateway daemon tried again after a failure.",
-    );
+    x.family("farmgate_pdu_switches_total", "counter", "Switch commands of the gateway daemon (REST, discovery, power-offs; the switches of job processes are not counted here) by result, after retries.");
     for (pdu, s) in &snap.pdus {
         let c = &s.counters;
         x.sample(
@@ -493,6 +479,14 @@ pub(crate) async fn metrics(State(st): State<AppState>) -> Response {
             &[("pdu", pdu), ("result", "failed")],
             c.switches_failed as f64,
         );
+    }
+    x.family(
+        "farmgate_pdu_reads_total",
+        "counter",
+        "PDU reads of the gateway daemon (its polls) by result.",
+    );
+    for (pdu, s) in &snap.pdus {
+        let c = &s.counters;
         x.sample(
             "farmgate_pdu_reads_total",
             &[("pdu", pdu), ("result", "ok")],
@@ -503,10 +497,17 @@ pub(crate) async fn metrics(State(st): State<AppState>) -> Response {
             &[("pdu", pdu), ("result", "failed")],
             c.reads_failed as f64,
         );
+    }
+    x.family(
+        "farmgate_pdu_retries_total",
+        "counter",
+        "PDU operations of the gateway daemon tried again after a failure.",
+    );
+    for (pdu, s) in &snap.pdus {
         x.sample(
             "farmgate_pdu_retries_total",
             &[("pdu", pdu)],
-            c.retries as f64,
+            s.counters.retries as f64,
         );
     }
 

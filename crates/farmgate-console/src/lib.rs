@@ -74,6 +74,9 @@ pub const MAX_UNBOUND_BACKLOG: usize = 64 * 1024;
 
 /// Most read-only clients connected to one machine's log port at a time.
 pub const MAX_LOG_CLIENTS: usize = 64;
+/// Log slots a dashboard viewer (`Salad::watch_console`) cannot take: kept for the
+/// log port.
+pub const RESERVED_LOG_SLOTS: usize = 16;
 
 /// Chunks of console output queued for a slow relay client before the console reader waits.
 const CLIENT_QUEUE: usize = 1024;
@@ -729,6 +732,7 @@ impl Salad {
     /// beside the relay client: callers decide who may type (the dashboard lets an admin
     /// type only into a machine no job uses).
     pub async fn write_input(&self, id: &str, data: &[u8]) {
+        let id = &id.to_ascii_lowercase();
         match self.writer_of_machine(id) {
             Some(w) => match w.write_all(data).await {
                 Ok(()) => {
@@ -773,7 +777,8 @@ impl Salad {
         state
             .machines
             .get(&id)
-            .filter(|m| m.log.receiver_count() < MAX_LOG_CLIENTS)
+            // The last slots stay for the log port's clients.
+            .filter(|m| m.log.receiver_count() < MAX_LOG_CLIENTS - RESERVED_LOG_SLOTS)
             .map(|m| m.log.subscribe())
     }
 

@@ -408,11 +408,14 @@ impl GatewayConfig {
                 "SERGENT_HARTMAN_QUALIFYING_BOOT_COUNT",
                 100,
             )?,
-            hartman_retrial_delay: Duration::from_secs_f64(parse_or(
-                env,
-                "SERGENT_HARTMAN_REGISTRATION_RETRIAL_DELAY",
-                120.0,
-            )?),
+            hartman_retrial_delay: {
+                let d: f64 = parse_or(env, "SERGENT_HARTMAN_REGISTRATION_RETRIAL_DELAY", 120.0)?;
+                Duration::try_from_secs_f64(d).map_err(|_| ConfigError::Invalid {
+                    name: "SERGENT_HARTMAN_REGISTRATION_RETRIAL_DELAY".into(),
+                    value: d.to_string(),
+                    why: "expected a number of seconds >= 0".into(),
+                })?
+            },
             hartman_quick_check: parse_bool(env, "SERGENT_HARTMAN_QUICK_CHECK", true)?,
             default_pdu_off_delay: {
                 let d: f64 = parse_or(env, "FARMGATE_DEFAULT_PDU_OFF_DELAY", 30.0)?;

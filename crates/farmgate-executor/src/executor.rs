@@ -114,6 +114,10 @@ struct Inner {
     pdus: farmgate_pdu::service::PduMonitor,
     /// Histograms and counters of the jobs that are over (`/metrics`).
     metrics: Mutex<crate::metrics::ExecMetrics>,
+    /// The latest switch request of each port (PDU, port) by the daemon: a request
+    /// still waiting (minimum off time) when a newer one came is dropped, so a late
+    /// "on" never undoes an "off" asked after it.
+    power_requests: Mutex<HashMap<(String, String), u64>>,
 }
 
 /// What the store remembers of a job's share space, to remove it when the job is over.
@@ -241,6 +245,7 @@ impl Executor {
             mars_watcher: Mutex::new(None),
             pdus,
             metrics: Mutex::new(Default::default()),
+            power_requests: Mutex::new(HashMap::new()),
         });
         let exec = Executor { inner };
         exec.recover()?;
@@ -533,6 +538,17 @@ impl Executor {
     /// answer (the monitor's polls fail). Clears by itself when the PDU answers again.
     fn unavailable(&self, record: &DutRecord) -> Option<String> {
         let pdu = record.pdu.as_deref()?;
+        if let Some(port) = record.pdu_port_id.as_deref()
+            && self
+                .mars()
+                .pdus
+                .get(pdu)
+                .is_some_and(|p| p.reserved_port_ids.iter().any(|r| r == port))
+        {
+            return Some(format!(
+                "its port {port} of PDU {pdu} is reserved (set aside for interactive use)"
+            ));
+        }
         let why = self.inner.pdus.down_reason(pdu)?;
         Some(format!("PDU {pdu} {why}"))
     }
@@ -1541,10 +1557,11 @@ impl Executor {
     /// `PATCH /api/v1/dut/<id>`.
     pub fn patch_dut(&self, id: &str, patch: DutPatch) -> Result<DutView, ExecError> {
         if let Some(d) = patch.pdu_off_delay
-            && !(d.is_finite() && d >= 0.0)
+            && !(d.is_finite() && (0.0..=farmgate_wire::MAX_PDU_OFF_DELAY).contains(&d))
         {
             return Err(ExecError::BadRequest(format!(
-                "pdu_off_delay {d}: expected a number of seconds >= 0"
+                "pdu_off_delay {d}: expected a number of seconds from 0 to {}",
+                farmgate_wire::MAX_PDU_OFF_DELAY
             )));
         }
         self.edit_mars(|db| {
@@ -1684,9 +1701,9 @@ impl Executor {
             )));
         }
         let timeout = req.timeout.unwrap_or(DEFAULT_DISCOVERY_TIMEOUT);
-        if !(timeout.is_finite() && timeout > 0.0) {
+        if !(timeout.is_finite() && timeout > 0.0 && timeout <= 86_400.0) {
             return Err(ExecError::BadRequest(format!(
-                "timeout {timeout}: expected a positive number of seconds"
+                "timeout {timeout}: expected a positive number of seconds, at most a day (86400)"
             )));
         }
         let start = now();
@@ -1739,7 +1756,9 @@ impl Executor {
         let remaining = match self.inner.store.last_port_shutdown(pdu_name, port_id)? {
             Some(off_at) => {
                 let off_for = (now() - off_at).to_std().unwrap_or_default();
-                Duration::from_secs_f64(min_off.max(0.0)).saturating_sub(off_for)
+                Duration::try_from_secs_f64(min_off.clamp(0.0, farmgate_wire::MAX_PDU_OFF_DELAY))
+                    .unwrap_or_default()
+                    .saturating_sub(off_for)
             }
             None => Duration::ZERO,
         };
@@ -1751,6 +1770,19 @@ impl Executor {
     }
 
     fn power_port_later(&self, pdu_name: &str, port_id: &str, state: PortState) {
+        self.power_port_later_unless_busy(pdu_name, port_id, state, None);
+    }
+
+    /// Switches a port in the background, through the power layer, after the minimum
+    /// off time for an "on". Dropped when a newer request for the port came meanwhile,
+    /// or, with `dut`, when that DUT has a job by then (its runner owns the power).
+    fn power_port_later_unless_busy(
+        &self,
+        pdu_name: &str,
+        port_id: &str,
+        state: PortState,
+        dut: Option<&str>,
+    ) {
         let pdu = match self.pdu_handle(pdu_name) {
             Ok(p) => p,
             Err(e) => {
@@ -1758,22 +1790,45 @@ impl Executor {
                 return;
             }
         };
+        let key = (pdu_name.to_string(), port_id.to_string());
+        let ticket = {
+            let mut reqs = lock(&self.inner.power_requests);
+            let n = reqs.entry(key.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
         let port_id = port_id.to_string();
-        let store = self.inner.store.clone();
-        let monitor = self.inner.pdus.clone();
         let wait = match state {
             PortState::On => self.min_off_wait(pdu.name(), &port_id).ok(),
             _ => None,
         };
+        let me = self.clone();
+        let dut = dut.map(str::to_lowercase);
         tokio::spawn(async move {
             if let Some(w) = wait {
                 w.sleep().await;
             }
+            if lock(&me.inner.power_requests).get(&key) != Some(&ticket) {
+                tracing::debug!(pdu = %pdu.name(), port = %port_id, %state, "power request superseded by a newer one");
+                return;
+            }
+            if let Some(d) = &dut
+                && lock(&me.inner.sched)
+                    .duts
+                    .get(d)
+                    .is_some_and(|rt| rt.current_job.is_some())
+            {
+                tracing::debug!(pdu = %pdu.name(), port = %port_id, "power-off skipped: the DUT has a new job");
+                return;
+            }
             match pdu.set(&port_id, state).await {
                 Ok(()) => {
-                    monitor.note_state(pdu.name(), &port_id, state);
+                    me.inner.pdus.note_state(pdu.name(), &port_id, state);
                     if state == PortState::Off {
-                        let _ = store.record_port_shutdown(pdu.name(), &port_id, now());
+                        let _ = me
+                            .inner
+                            .store
+                            .record_port_shutdown(pdu.name(), &port_id, now());
                     }
                 }
                 Err(e) => {
@@ -1844,7 +1899,7 @@ impl Executor {
         if let Some((_, r)) = Self::record_of(&mars, dut_id)
             && let (Some(pdu), Some(port)) = (&r.pdu, &r.pdu_port_id)
         {
-            self.power_port_later(pdu, port, PortState::Off);
+            self.power_port_later_unless_busy(pdu, port, PortState::Off, Some(dut_id));
         }
     }
 
@@ -2031,7 +2086,9 @@ impl Executor {
             .get(name)
             .ok_or_else(|| ExecError::NotFound(format!("no PDU named {name}")))?;
         let monitor = &self.inner.pdus;
-        monitor.sync(&mars.pdus);
+        // A PDU just added (REST) is followed at once; the fresh MaRS DB, not the
+        // caller's snapshot, so an older snapshot never reverts a newer record.
+        monitor.sync(&self.mars().pdus);
         let mut status = monitor.status(name);
         if status
             .as_ref()
@@ -2185,13 +2242,14 @@ impl Executor {
     /// `GET /api/v1/pdu/<name>/port/<id>`.
     pub async fn port(&self, name: &str, port_id: &str) -> Result<PortView, ExecError> {
         let view = self.pdu(name).await?;
-        if let Some(e) = view.error {
-            return Err(ExecError::Internal(e));
+        match view.ports.get(port_id) {
+            Some(p) => Ok(p.clone()),
+            None => Err(match (view.down, view.error) {
+                (Some(down), _) => ExecError::Device(format!("PDU {name} {down}")),
+                (None, Some(e)) if view.ports.is_empty() => ExecError::Device(e),
+                _ => ExecError::NotFound(format!("PDU {name} has no port {port_id}")),
+            }),
         }
-        view.ports
-            .get(port_id)
-            .cloned()
-            .ok_or_else(|| ExecError::NotFound(format!("PDU {name} has no port {port_id}")))
     }
 
     /// `PATCH /api/v1/pdu/<name>/port/<id>`.
@@ -2205,6 +2263,29 @@ impl Executor {
         if !mars.pdus.contains_key(name) {
             return Err(ExecError::NotFound(format!("no PDU named {name}")));
         }
+        // Every field is checked before anything changes: a refused PATCH changes nothing.
+        let mut patch = patch;
+        if let Some(label) = &patch.label {
+            let label = label.trim().to_string();
+            if label.len() > 200 || label.chars().any(char::is_control) {
+                return Err(ExecError::BadRequest(
+                    "label: expected one line of at most 200 bytes, without control characters"
+                        .into(),
+                ));
+            }
+            patch.label = Some(label);
+        }
+        if let Some(d) = patch.min_off_time
+            && !(d.is_finite() && (0.0..=farmgate_wire::MAX_PDU_OFF_DELAY).contains(&d))
+        {
+            return Err(ExecError::BadRequest(format!(
+                "min_off_time {d}: expected a number of seconds from 0 to {}",
+                farmgate_wire::MAX_PDU_OFF_DELAY
+            )));
+        }
+        if patch.state == Some(PortState::Unknown) {
+            return Err(ExecError::BadRequest("state: expected on or off".into()));
+        }
         let dut = mars
             .duts
             .iter()
@@ -2212,6 +2293,11 @@ impl Executor {
                 r.pdu.as_deref() == Some(name) && r.pdu_port_id.as_deref() == Some(port_id)
             })
             .map(|(id, _)| id.clone());
+        if patch.min_off_time.is_some() && dut.is_none() {
+            return Err(ExecError::Conflict(format!(
+                "no machine on {name} port {port_id}: min_off_time belongs to a machine"
+            )));
+        }
         if let Some(reserved) = patch.reserved {
             self.edit_mars(|db| {
                 let p = db
@@ -2226,12 +2312,6 @@ impl Executor {
             })?;
         }
         if let Some(label) = patch.label {
-            let label = label.trim().to_string();
-            if label.len() > 200 || label.contains(['\n', '\r']) {
-                return Err(ExecError::BadRequest(
-                    "label: expected one line of at most 200 bytes".into(),
-                ));
-            }
             self.edit_mars(|db| {
                 let p = db
                     .pdus
@@ -2260,34 +2340,20 @@ impl Executor {
             )?;
         }
         if let Some(state) = patch.state {
-            let reserved_now = self
-                .mars()
-                .pdus
-                .get(name)
-                .is_some_and(|p| p.reserved_port_ids.iter().any(|p| p == port_id));
-            if reserved_now {
-                return Err(ExecError::Conflict(format!(
-                    "port {port_id} of PDU {name} is reserved; un-reserve it first"
-                )));
-            }
-            if let Some(dut) = &dut {
-                let busy = lock(&self.inner.sched)
-                    .duts
-                    .get(&dut.to_lowercase())
-                    .is_some_and(|rt| rt.current_job.is_some());
-                if busy {
-                    return Err(ExecError::Conflict(format!(
-                        "machine {dut} on port {port_id} is running a job; cancel it first"
-                    )));
-                }
-            }
             if state == PortState::Unknown {
                 return Err(ExecError::BadRequest("state: expected on or off".into()));
             }
+            self.port_switchable(name, port_id, dut.as_deref())?;
             let pdu = self.pdu_handle(name)?;
             if state == PortState::On {
                 self.min_off_wait(name, port_id)?.sleep().await;
+                // Still free after the wait? A job or a reservation may have come.
+                self.port_switchable(name, port_id, dut.as_deref())?;
             }
+            // Newer than any background request of the daemon for this port.
+            *lock(&self.inner.power_requests)
+                .entry((name.to_string(), port_id.to_string()))
+                .or_insert(0) += 1;
             pdu.set(port_id, state)
                 .await
                 .map_err(|e| ExecError::Device(e.to_string()))?;
@@ -2297,6 +2363,37 @@ impl Executor {
             }
         }
         self.port(name, port_id).await
+    }
+
+    /// Whether an admin may switch a port now: not reserved, no job on its machine.
+    fn port_switchable(
+        &self,
+        name: &str,
+        port_id: &str,
+        dut: Option<&str>,
+    ) -> Result<(), ExecError> {
+        let reserved = self
+            .mars()
+            .pdus
+            .get(name)
+            .is_some_and(|p| p.reserved_port_ids.iter().any(|p| p == port_id));
+        if reserved {
+            return Err(ExecError::Conflict(format!(
+                "port {port_id} of PDU {name} is reserved; un-reserve it first"
+            )));
+        }
+        if let Some(dut) = dut {
+            let busy = lock(&self.inner.sched)
+                .duts
+                .get(&dut.to_lowercase())
+                .is_some_and(|rt| rt.current_job.is_some());
+            if busy {
+                return Err(ExecError::Conflict(format!(
+                    "machine {dut} on port {port_id} is running a job; cancel it first"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// `GET /api/v1/full-state`.

@@ -349,7 +349,13 @@ impl JobRun<'_> {
                 let bi = boot_index;
                 let _ = tokio::task::spawn_blocking(move || store.set_boot_index(&id, bi)).await;
             }
-            let min_off = Duration::from_secs_f64(self.spec.dut.pdu_off_delay.max(0.0));
+            let min_off = Duration::try_from_secs_f64(
+                self.spec
+                    .dut
+                    .pdu_off_delay
+                    .clamp(0.0, farmgate_wire::MAX_PDU_OFF_DELAY),
+            )
+            .unwrap_or_default();
             log.ctrl(format!(
                 "Boot {boot_index}: power cycling the DUT (off for at least {})",
                 human(Some(min_off))

@@ -149,46 +149,34 @@ impl Pdu {
         })?
     }
 
-    /// Runs `op` on the driver, serialized, with retries, backoff and a new driver after
-    /// a failure.
-    async fn run(&self, op: Op<'_>) -> Result<Out, PowerError> {
-        let write = matches!(op, Op::Set(..));
+    /// Runs `op` on the driver, serialized, with up to `tries` tries, backoff and a new
+    /// driver after a failure. Counts retries and re-initializations, not results: the
+    /// callers count those once per operation.
+    async fn run(&self, op: Op<'_>, tries: u32) -> Result<Out, PowerError> {
         let mut backoff = FIRST_BACKOFF;
-        let mut tries = 0;
+        let mut tried = 0;
         loop {
-            tries += 1;
+            tried += 1;
             let result = {
                 let mut driver = self.inner.driver.lock().await;
-                let _flock = self.cross_process_lock().await?;
-                let r = op.call(driver.as_ref()).await;
-                if r.as_ref().is_err_and(|e| !is_permanent(e))
-                    && let Ok(fresh) = driver_for(&self.inner.name, &self.inner.record)
-                {
-                    // A driver that failed may hold a broken connection or session.
-                    *driver = fresh;
-                    lock(&self.inner.counters).reinits += 1;
+                match self.cross_process_lock().await {
+                    Err(e) => Err(e),
+                    Ok(_flock) => {
+                        let r = op.call(driver.as_ref()).await;
+                        if r.as_ref().is_err_and(|e| !is_permanent(e))
+                            && let Ok(fresh) = driver_for(&self.inner.name, &self.inner.record)
+                        {
+                            // A driver that failed may hold a broken connection or session.
+                            *driver = fresh;
+                            lock(&self.inner.counters).reinits += 1;
+                        }
+                        r
+                    }
                 }
-                r
             };
             match result {
-                Ok(v) => {
-                    let mut c = lock(&self.inner.counters);
-                    if write {
-                        c.switches_ok += 1;
-                    } else {
-                        c.reads_ok += 1;
-                    }
-                    return Ok(v);
-                }
-                Err(e) if is_permanent(&e) || tries >= TRIES => {
-                    let mut c = lock(&self.inner.counters);
-                    if write {
-                        c.switches_failed += 1;
-                    } else {
-                        c.reads_failed += 1;
-                    }
-                    return Err(e);
-                }
+                Ok(v) => return Ok(v),
+                Err(e) if is_permanent(&e) || tried >= tries => return Err(e),
                 Err(e) => {
                     tracing::debug!(pdu = %self.inner.name, "trying again after: {e}");
                     lock(&self.inner.counters).retries += 1;
@@ -199,34 +187,61 @@ impl Pdu {
         }
     }
 
+    fn count_read<T>(&self, r: &Result<T, PowerError>) {
+        let mut c = lock(&self.inner.counters);
+        if r.is_ok() {
+            c.reads_ok += 1;
+        } else {
+            c.reads_failed += 1;
+        }
+    }
+
     /// The PDU's port ids.
     pub async fn ports(&self) -> Result<Vec<String>, PowerError> {
-        match self.run(Op::Ports).await? {
-            Out::Ports(p) => Ok(p),
-            _ => Ok(Vec::new()),
-        }
+        let r = self.run(Op::Ports, TRIES).await.map(|o| match o {
+            Out::Ports(p) => p,
+            _ => Vec::new(),
+        });
+        self.count_read(&r);
+        r
     }
 
     /// A port's state, read from the PDU.
     pub async fn get(&self, port_id: &str) -> Result<PortState, PowerError> {
-        match self.run(Op::Get(port_id)).await? {
-            Out::State(s) => Ok(s),
-            _ => Ok(PortState::Unknown),
-        }
+        let r = self.read_state(port_id).await;
+        self.count_read(&r);
+        r
+    }
+
+    async fn read_state(&self, port_id: &str) -> Result<PortState, PowerError> {
+        self.run(Op::Get(port_id), TRIES).await.map(|o| match o {
+            Out::State(s) => s,
+            _ => PortState::Unknown,
+        })
     }
 
     /// Switches a port; returns once the port reads back in that state (for about
     /// [`READBACK_TIME`]; a driver that cannot read a state, `Unknown`, is trusted).
     pub async fn set(&self, port_id: &str, state: PortState) -> Result<(), PowerError> {
-        self.run(Op::Set(port_id, state)).await?;
+        let r = self.switch(port_id, state).await;
+        let mut c = lock(&self.inner.counters);
+        if r.is_ok() {
+            c.switches_ok += 1;
+        } else {
+            c.switches_failed += 1;
+        }
+        r
+    }
+
+    async fn switch(&self, port_id: &str, state: PortState) -> Result<(), PowerError> {
+        self.run(Op::Set(port_id, state), TRIES).await?;
         let deadline = tokio::time::Instant::now() + READBACK_TIME;
         loop {
-            let seen = self.get(port_id).await?;
+            let seen = self.read_state(port_id).await?;
             if seen == state || seen == PortState::Unknown {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                lock(&self.inner.counters).switches_failed += 1;
                 return Err(PowerError::Refused {
                     pdu: self.inner.name.clone(),
                     addr: format!("driver {}", self.inner.record.driver),
@@ -240,12 +255,13 @@ impl Pdu {
         }
     }
 
-    /// What the PDU measures on a port, if it can.
+    /// What the PDU measures on a port, if it can. Tried once: a device that cannot
+    /// measure a port is still switching it fine, and must not slow the polls.
     pub async fn measure(&self, port_id: &str) -> Result<Option<PortMeasure>, PowerError> {
-        match self.run(Op::Measure(port_id)).await? {
-            Out::Measure(m) => Ok(m),
-            _ => Ok(None),
-        }
+        self.run(Op::Measure(port_id), 1).await.map(|o| match o {
+            Out::Measure(m) => m,
+            _ => None,
+        })
     }
 }
 
@@ -367,9 +383,15 @@ impl PduStatus {
 }
 
 struct Watched {
-    record: PduRecord,
-    pdu: Pdu,
-    task: JoinHandle<()>,
+    /// What the poller was built from: a change of driver or config restarts it (labels
+    /// and reserved ports do not).
+    driver: String,
+    config: BTreeMap<String, farmgate_wire::YamlValue>,
+    /// `None` when the configuration is refused (the status says why).
+    pdu: Option<Pdu>,
+    task: Option<JoinHandle<()>>,
+    /// Held during a poll, so an on-demand poll joins the one in progress.
+    gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Polls every PDU, keeps their last known state. Cheap to clone.
@@ -388,7 +410,9 @@ struct MonitorInner {
 impl Drop for MonitorInner {
     fn drop(&mut self) {
         for (_, w) in lock(&self.watched).drain() {
-            w.task.abort();
+            if let Some(t) = w.task {
+                t.abort();
+            }
         }
     }
 }
@@ -407,41 +431,54 @@ impl PduMonitor {
     }
 
     /// Follows the PDUs of the MaRS DB: starts polling new ones, restarts those whose
-    /// record changed, stops those that are gone. Must run inside a tokio runtime.
+    /// driver or configuration changed, stops those that are gone. Must run inside a
+    /// tokio runtime.
     pub fn sync(&self, pdus: &BTreeMap<String, PduRecord>) {
         let mut watched = lock(&self.inner.watched);
         watched.retain(|name, w| {
-            let keep = pdus.get(name).is_some_and(|r| *r == w.record);
+            let keep = pdus
+                .get(name)
+                .is_some_and(|r| r.driver == w.driver && r.config == w.config);
             if !keep {
-                w.task.abort();
+                if let Some(t) = &w.task {
+                    t.abort();
+                }
                 lock(&self.inner.status).remove(name);
             }
             keep
         });
+        lock(&self.inner.status)
+            .retain(|name, _| watched.contains_key(name) || pdus.contains_key(name));
         for (name, record) in pdus {
             if watched.contains_key(name) {
                 continue;
             }
-            let pdu = match Pdu::new(name, record, self.inner.lock_dir.as_deref()) {
-                Ok(p) => p,
+            let gate = Arc::new(tokio::sync::Mutex::new(()));
+            let (pdu, task) = match Pdu::new(name, record, self.inner.lock_dir.as_deref()) {
+                Ok(pdu) => {
+                    lock(&self.inner.status).insert(name.clone(), PduStatus::new());
+                    let me = Arc::downgrade(&self.inner);
+                    let task = tokio::spawn(poll_loop(me, pdu.clone(), gate.clone()));
+                    (Some(pdu), Some(task))
+                }
                 Err(e) => {
+                    tracing::warn!(pdu = %name, "PDU not polled: {e}");
                     let mut st = PduStatus::new();
                     st.error = Some(e.to_string());
                     st.failed_polls = DOWN_AFTER_FAILED_POLLS;
                     st.failing_since = Some(SystemTime::now());
                     lock(&self.inner.status).insert(name.clone(), st);
-                    continue;
+                    (None, None)
                 }
             };
-            lock(&self.inner.status).insert(name.clone(), PduStatus::new());
-            let me = Arc::downgrade(&self.inner);
-            let task = tokio::spawn(poll_loop(me, pdu.clone()));
             watched.insert(
                 name.clone(),
                 Watched {
-                    record: record.clone(),
+                    driver: record.driver.clone(),
+                    config: record.config.clone(),
                     pdu,
                     task,
+                    gate,
                 },
             );
         }
@@ -449,7 +486,7 @@ impl PduMonitor {
 
     /// The power layer's handle on PDU `name`, when the monitor follows it.
     pub fn pdu(&self, name: &str) -> Option<Pdu> {
-        lock(&self.inner.watched).get(name).map(|w| w.pdu.clone())
+        lock(&self.inner.watched).get(name)?.pdu.clone()
     }
 
     /// The last known status of PDU `name`.
@@ -474,10 +511,26 @@ impl PduMonitor {
         }
     }
 
-    /// Polls PDU `name` now (the REST API's first answer before any poll finished).
+    /// Makes sure PDU `name` was polled once (the REST API's first answer): joins the
+    /// poll in progress, or polls when none was ever tried. Never stacks polls.
     pub async fn poll_now(&self, name: &str) {
-        if let Some(p) = self.pdu(name) {
-            poll_once(&self.inner, &p).await;
+        let tried = |m: &Self| {
+            lock(&m.inner.status)
+                .get(name)
+                .is_none_or(|s| s.last_ok.is_some() || s.failed_polls > 0)
+        };
+        if tried(self) {
+            return;
+        }
+        let Some((pdu, gate)) = lock(&self.inner.watched)
+            .get(name)
+            .and_then(|w| Some((w.pdu.clone()?, w.gate.clone())))
+        else {
+            return;
+        };
+        let _polling = gate.lock().await;
+        if !tried(self) {
+            poll_once(&self.inner, &pdu).await;
         }
     }
 }
@@ -548,11 +601,14 @@ async fn poll_once(inner: &MonitorInner, pdu: &Pdu) {
     }
 }
 
-async fn poll_loop(me: std::sync::Weak<MonitorInner>, pdu: Pdu) {
+async fn poll_loop(me: std::sync::Weak<MonitorInner>, pdu: Pdu, gate: Arc<tokio::sync::Mutex<()>>) {
     loop {
         let Some(inner) = me.upgrade() else { return };
         let interval = inner.interval;
-        poll_once(&inner, &pdu).await;
+        {
+            let _polling = gate.lock().await;
+            poll_once(&inner, &pdu).await;
+        }
         drop(inner);
         tokio::time::sleep(interval).await;
     }

@@ -148,6 +148,20 @@ async fn the_monitor_sees_changes_a_pdu_going_down_and_coming_back() {
         monitor.down_reason("P").is_none() && monitor.status("P").is_some_and(|s| s.error.is_none())
     })
     .await;
+    // A label or a reservation changes the record, not the poller: the status goes on.
+    let reads_before = monitor.status("P").expect("status").counters.reads_ok;
+    assert!(reads_before > 0);
+    let mut relabelled = pdus.clone();
+    if let Some(r) = relabelled.get_mut("P") {
+        r.port_labels.insert("0".into(), "bench 3".into());
+        r.reserved_port_ids.push("1".into());
+    }
+    monitor.sync(&relabelled);
+    let st = monitor.status("P").expect("status");
+    assert!(
+        st.last_ok.is_some() && st.counters.reads_ok >= reads_before,
+        "{st:?}"
+    );
     // A PDU removed from the MaRS DB is no longer followed.
     monitor.sync(&BTreeMap::new());
     assert!(monitor.status("P").is_none());

@@ -136,10 +136,13 @@ impl MarsFile {
                     "DUTs {other} and {id} are the same machine (ids are not case-sensitive)"
                 ));
             }
-            if !(dut.pdu_off_delay.is_finite() && dut.pdu_off_delay >= 0.0) {
+            if !(dut.pdu_off_delay.is_finite()
+                && (0.0..=farmgate_wire::MAX_PDU_OFF_DELAY).contains(&dut.pdu_off_delay))
+            {
                 problems.push(format!(
-                    "DUT {id} has pdu_off_delay {}, expected a number of seconds >= 0",
-                    dut.pdu_off_delay
+                    "DUT {id} has pdu_off_delay {}, expected a number of seconds from 0 to {}",
+                    dut.pdu_off_delay,
+                    farmgate_wire::MAX_PDU_OFF_DELAY
                 ));
             }
             match (&dut.pdu, &dut.pdu_port_id) {

@@ -265,6 +265,9 @@ pub struct PduRecord {
 /// Default `pdu_off_delay` of seed 001: 30 s is enough for most power supplies.
 pub const DEFAULT_PDU_OFF_DELAY: f64 = 30.0;
 
+/// The longest `pdu_off_delay` accepted: one day.
+pub const MAX_PDU_OFF_DELAY: f64 = 86_400.0;
+
 fn default_pdu_off_delay() -> f64 {
     DEFAULT_PDU_OFF_DELAY
 }

@@ -85,6 +85,33 @@ async fn metrics_parse_and_count_duts_jobs_boots_pdus_consoles_and_caches() {
         assert!(body.contains(&format!("# TYPE {name} {ty}")), "{name} {ty}");
     }
 
+    // Each family's samples follow its TYPE line, together (text format 0.0.4).
+    let body = gw.get_text("/metrics").await;
+    let mut family = String::new();
+    let mut seen = std::collections::HashSet::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            family = rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            assert!(
+                seen.insert(family.clone()),
+                "family {family} announced twice"
+            );
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let name = line.split(['{', ' ']).next().unwrap_or_default();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suf| name.strip_suffix(suf).filter(|b| *b == family))
+            .unwrap_or(name);
+        assert_eq!(base, family, "sample {line:?} outside its family's group");
+    }
     // A job, to be measured once it is over.
     let job = gw.write_job("m.yml", &sim_job("print metrics job; poweroff", "", ""));
     let r = gw.farmctl_run(&["run", path_str(&job)], LIMIT).await;

@@ -896,6 +896,37 @@ async fn a_pdu_that_stops_answering_makes_its_duts_unavailable_until_it_answers(
     );
     std::fs::remove_file(dir.join("stuck")).expect("unstuck");
 
+    // A reserved port sets its machine aside: no job, no training, and it says why.
+    let r = admin(gw.http.patch(&port_url))
+        .json(&serde_json::json!({"reserved": true}))
+        .send()
+        .await
+        .expect("reserve");
+    assert_eq!(r.status(), 200);
+    let dut: farmgate_wire::DutView = gw.get_json(&format!("/api/v1/dut/{flaky_dut}")).await;
+    assert!(
+        dut.unavailable
+            .as_deref()
+            .is_some_and(|w| w.contains("reserved")),
+        "{dut:?}"
+    );
+    let r = admin(gw.http.patch(&port_url))
+        .json(&serde_json::json!({"reserved": false, "label": "bad\u{1b}[2J"}))
+        .send()
+        .await
+        .expect("bad label");
+    assert_eq!(r.status(), 400, "a control character in a label is refused");
+    let dut: farmgate_wire::DutView = gw.get_json(&format!("/api/v1/dut/{flaky_dut}")).await;
+    assert!(dut.unavailable.is_some(), "a refused PATCH changes nothing");
+    let r = admin(gw.http.patch(&port_url))
+        .json(&serde_json::json!({"reserved": false}))
+        .send()
+        .await
+        .expect("release");
+    assert_eq!(r.status(), 200);
+    let dut: farmgate_wire::DutView = gw.get_json(&format!("/api/v1/dut/{flaky_dut}")).await;
+    assert!(dut.unavailable.is_none(), "{dut:?}");
+
     // The PDU stops answering: its DUT is unavailable, with the reason; the other
     // DUT is not affected.
     std::fs::write(dir.join("down"), "").expect("down");
