@@ -143,6 +143,14 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
+    /// An extra binary (`--binary`) or one of its libraries cannot be included.
+    #[error("binary {}: {msg}", path.display())]
+    Binary {
+        /// The binary.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
     /// An archive path is empty or contains `.`/`..`/NUL.
     #[error("invalid path in archive: {0:?}")]
     InvalidPath(String),
@@ -244,6 +252,9 @@ pub struct BuildOptions {
     pub boot_dir: PathBuf,
     /// Parent of per-version module directories (`/lib/modules`).
     pub modules_root: PathBuf,
+    /// More programs to include at their own paths (e.g. `/usr/bin/crun`), each with the
+    /// shared libraries and the program interpreter it needs.
+    pub extra_binaries: Vec<PathBuf>,
 }
 
 impl BuildOptions {
@@ -257,6 +268,7 @@ impl BuildOptions {
             extra_modules: Vec::new(),
             boot_dir: PathBuf::from("/boot"),
             modules_root: PathBuf::from("/lib/modules"),
+            extra_binaries: Vec::new(),
         }
     }
 }
@@ -282,6 +294,8 @@ pub struct BuildSummary {
     pub modules: Vec<ResolvedModule>,
     /// Requested modules skipped because built into the kernel.
     pub builtin: Vec<String>,
+    /// Extra programs and the libraries they need, as included.
+    pub extra_files: Vec<PathBuf>,
 }
 
 impl fmt::Display for BuildSummary {
@@ -301,6 +315,13 @@ impl fmt::Display for BuildSummary {
         )?;
         if !self.builtin.is_empty() {
             write!(f, " (built in: {})", self.builtin.join(" "))?;
+        }
+        if !self.extra_files.is_empty() {
+            write!(
+                f,
+                "; {} extra files (programs and their libraries)",
+                self.extra_files.len()
+            )?;
         }
         Ok(())
     }
@@ -339,6 +360,71 @@ fn check_static_elf(path: &Path, data: &[u8]) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// The files a dynamically linked program needs besides itself: its program interpreter
+/// and shared libraries, as `ldd` (glibc's, on the build host) resolves them. A static
+/// program needs none.
+pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, Error> {
+    let bad = |msg: String| Error::Binary {
+        path: binary.to_path_buf(),
+        msg,
+    };
+    let out = std::process::Command::new("ldd")
+        .arg(binary)
+        .output()
+        .map_err(|e| bad(format!("cannot run ldd: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        if text.contains("not a dynamic executable")
+            || String::from_utf8_lossy(&out.stderr).contains("not a dynamic executable")
+        {
+            return Ok(Vec::new());
+        }
+        return Err(bad(format!(
+            "ldd failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.contains("not found") {
+            return Err(bad(format!("a library is missing: {line}")));
+        }
+        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` or the interpreter
+        // `/lib64/ld-linux-x86-64.so.2 (0x…)`; `linux-vdso.so.1 (0x…)` is the kernel's.
+        let path = match line.split_once("=>") {
+            Some((_, right)) => right.split_whitespace().next(),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            let p = PathBuf::from(p);
+            if !libs.contains(&p) {
+                libs.push(p);
+            }
+        }
+    }
+    Ok(libs)
+}
+
+/// Adds `binary` and what it needs to `archive`, each at its own absolute path (file
+/// contents through symlinks).
+pub fn add_binary(archive: &mut Archive, binary: &Path) -> Result<Vec<PathBuf>, Error> {
+    let mut files = vec![binary.to_path_buf()];
+    files.extend(shared_libraries(binary)?);
+    for f in &files {
+        let data = std::fs::read(f).map_err(|e| Error::Binary {
+            path: binary.to_path_buf(),
+            msg: format!("reading {}: {e}", f.display()),
+        })?;
+        let rel = f.to_string_lossy().trim_start_matches('/').to_string();
+        archive.add_file(&rel, 0o755, data)?;
+    }
+    Ok(files)
 }
 
 /// Writes `data` to `path` atomically (temporary file in the same directory, then rename).
@@ -448,7 +534,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, Error> {
         mods.push((m.clone(), data));
     }
 
-    let archive = build_archive(&busybox, &kernel_version, &mods)?;
+    let mut archive = build_archive(&busybox, &kernel_version, &mods)?;
+    let mut extra_files = Vec::new();
+    for b in &opts.extra_binaries {
+        extra_files.extend(add_binary(&mut archive, b)?);
+    }
     let cpio = archive.to_newc();
     let mut gz = flate2::GzBuilder::new()
         .mtime(0)
@@ -474,6 +564,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, Error> {
         cpio_size: cpio.len() as u64,
         modules: res.modules,
         builtin: res.builtin,
+        extra_files,
     })
 }
 

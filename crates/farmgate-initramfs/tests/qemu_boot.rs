@@ -366,3 +366,49 @@ fn missing_module_is_a_clear_error() {
     assert!(err.contains("no_such_module_xyz"), "{err}");
     assert!(!dir.path().join("initramfs.cpio.gz").exists());
 }
+
+#[test]
+fn an_extra_dynamic_program_runs_with_its_libraries() {
+    // crun (Debian's, dynamically linked): what the DUT agent runs containers with.
+    let crun = Path::new("/usr/bin/crun");
+    assert!(
+        crun.is_file(),
+        "install crun (scripts/setup.sh does it in CI)"
+    );
+    let libs = farmgate_initramfs::shared_libraries(crun).expect("ldd crun");
+    assert!(
+        libs.iter().any(|l| l.to_string_lossy().contains("libc.so")),
+        "{libs:?}"
+    );
+    assert!(
+        libs.iter()
+            .any(|l| l.to_string_lossy().contains("ld-linux")),
+        "the program interpreter is included: {libs:?}"
+    );
+    let static_busybox = farmgate_initramfs::shared_libraries(Path::new("/bin/busybox"))
+        .expect("ldd on a static program");
+    assert!(static_busybox.is_empty(), "{static_busybox:?}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let summary = mkinitramfs(dir.path(), &["--binary", "/usr/bin/crun"]);
+    assert!(summary.contains("extra files"), "{summary}");
+    let out = boot(
+        dir.path(),
+        &[],
+        "console=ttyS0 panic=-1 quiet farmgate.run=\"/usr/bin/crun --version\"",
+    );
+    assert!(out.contains("crun version"), "{out}");
+    assert!(
+        out.contains("farmgate-initramfs: run exit status 0"),
+        "{out}"
+    );
+    // A missing program is a clear error naming it.
+    let out = Command::new(env!("CARGO_BIN_EXE_farmgate-mkinitramfs"))
+        .arg("--out")
+        .arg(dir.path())
+        .args(["--binary", "/usr/bin/no-such-program"])
+        .output()
+        .expect("running farmgate-mkinitramfs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/usr/bin/no-such-program"), "{err}");
+}

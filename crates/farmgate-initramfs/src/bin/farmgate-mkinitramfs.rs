@@ -27,6 +27,10 @@ struct Args {
     /// Extra kernel module to include (with dependencies); repeatable.
     #[arg(long = "module", value_name = "NAME")]
     modules: Vec<String>,
+    /// Extra program to include at its path, with the shared libraries it needs (e.g.
+    /// /usr/bin/crun); repeatable.
+    #[arg(long = "binary", value_name = "PATH")]
+    binaries: Vec<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -37,6 +41,7 @@ fn main() -> ExitCode {
     opts.modules_dir = args.modules_dir;
     opts.busybox = args.busybox;
     opts.extra_modules = args.modules;
+    opts.extra_binaries = args.binaries;
     match build(&opts) {
         Ok(summary) => {
             println!("{summary}; {:.2} s", started.elapsed().as_secs_f64());
