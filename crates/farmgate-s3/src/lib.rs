@@ -18,7 +18,8 @@
 
 mod http;
 mod remote;
-pub mod sigv4;
+/// SigV4 signing and checking: the shared implementation of the `farmgate-sigv4` crate.
+pub use farmgate_sigv4 as sigv4;
 mod xml;
 
 use std::collections::HashMap;

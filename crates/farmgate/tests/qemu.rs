@@ -250,22 +250,7 @@ async fn qemu_blank_port_is_discovered_registers_trains_and_serves() {
             .env("FARMGATE_DEFAULT_PDU_OFF_DELAY", "0.5"),
     )
     .await;
-    let r = gw
-        .http
-        .post(format!("{}/api/v1/dut/discover", gw.url()))
-        .bearer_auth(ADMIN)
-        .json(&serde_json::json!({"pdu": "QEMU", "port_id": 1, "timeout": 240}))
-        .send()
-        .await
-        .expect("POST discover");
-    assert!(r.status().is_success(), "{:?}", r.text().await);
-    let id = qemu_mac(1);
-
-    let view = gw
-        .wait_dut_id(&id, "IDLE", LIMIT, |d| d.state == DutState::Idle)
-        .await;
-    assert_eq!(view.record.pdu.as_deref(), Some("QEMU"));
-    assert_eq!(view.record.pdu_port_id.as_deref(), Some("1"));
+    let view = discover_qemu_port_until_idle(&gw, 1).await;
     assert_eq!(view.record.base_name.as_deref(), Some("qemu"));
     assert_eq!(
         view.record.pdu_off_delay, 0.0,
@@ -293,4 +278,87 @@ async fn qemu_blank_port_is_discovered_registers_trains_and_serves() {
         .await;
     assert_eq!(r.code, code(JobStatus::Pass), "{}\n{}", r.all(), gw.logs());
     gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_blank_port_enrolled_by_the_dut_agent_registration_and_check_mode() {
+    // The default boot runs farm-agent in registration mode: hardware tags from the
+    // machine's own /proc and /sys, its console found by SALAD's ping/pong on ttyS0 and
+    // bound, then POST /api/v1/dut/. Training rounds run its check mode.
+    let opts = GatewayOptions {
+        qemu_ports: 2,
+        qemu_agent: true,
+        ..GatewayOptions::default()
+    };
+    let gw = Gateway::start(
+        opts.env("SERGENT_HARTMAN_BOOT_COUNT", "2")
+            .env("SERGENT_HARTMAN_QUALIFYING_BOOT_COUNT", "2")
+            .env("FARMGATE_DEFAULT_PDU_OFF_DELAY", "0.5"),
+    )
+    .await;
+    let view = discover_qemu_port_until_idle(&gw, 1).await;
+    // The agent's tags (not the shell registration's): CPU, memory, virtio.
+    for want in ["virtio:family:VIRTIO", "cpu:arch:x86_64"] {
+        assert!(
+            view.record.tags.iter().any(|t| t == want),
+            "{want}: {view:?}"
+        );
+    }
+    assert!(
+        view.record.tags.iter().any(|t| t.starts_with("mem:size:")),
+        "{view:?}"
+    );
+    assert_eq!(view.record.base_name.as_deref(), Some("virtio"), "{view:?}");
+    assert_eq!(
+        view.record.local_tty_device.as_deref(),
+        Some("ttyS0"),
+        "{view:?}"
+    );
+    assert!(
+        view.record
+            .ip_address
+            .as_deref()
+            .is_some_and(|a| a.starts_with("10.42.0.")),
+        "{view:?}"
+    );
+    // The training rounds ran the agent's check mode.
+    let jobs: serde_json::Value = gw.get_json("/api/v1/jobs?limit=20").await;
+    let training: Vec<String> = jobs["jobs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|j| j["kind"] == "training")
+        .filter_map(|j| j["job_id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(training.len(), 2, "{jobs}");
+    for t in &training {
+        let log = gw.get_text(&format!("/api/v1/job/{t}/console.log")).await;
+        assert!(log.contains("farm-agent: check passed"), "{log}");
+    }
+    gw.stop().await;
+}
+
+/// Discovers QEMU port `port` (blank machine) and waits until its DUT is IDLE, bound to
+/// that port.
+async fn discover_qemu_port_until_idle(gw: &Gateway, port: u32) -> farmgate_wire::DutView {
+    let r = gw
+        .http
+        .post(format!("{}/api/v1/dut/discover", gw.url()))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"pdu": "QEMU", "port_id": port, "timeout": 240}))
+        .send()
+        .await
+        .expect("POST discover");
+    assert!(r.status().is_success(), "{:?}", r.text().await);
+    let view = gw
+        .wait_dut_id(&qemu_mac(port), "IDLE", LIMIT, |d| {
+            d.state == DutState::Idle
+        })
+        .await;
+    assert_eq!(view.record.pdu.as_deref(), Some("QEMU"));
+    assert_eq!(
+        view.record.pdu_port_id.as_deref(),
+        Some(port.to_string().as_str())
+    );
+    view
 }

@@ -54,6 +54,9 @@ pub struct GatewayOptions {
     /// a bridge `private` (10.42.0.1/24) where the gateway serves DHCP and TFTP; the QEMU
     /// machines plug a tap into it. The test reaches the API over a veth pair.
     pub private_net: bool,
+    /// The QEMU machines' default boot runs the DUT agent (`farm-agent`, built into
+    /// the initramfs) in registration mode instead of the initramfs' shell registration.
+    pub qemu_agent: bool,
 }
 
 impl Default for GatewayOptions {
@@ -67,6 +70,7 @@ impl Default for GatewayOptions {
             qemu_duts: BTreeMap::new(),
             qemu_ports: 0,
             private_net: false,
+            qemu_agent: false,
         }
     }
 }
@@ -191,13 +195,30 @@ pub fn mkinitramfs_exe() -> PathBuf {
 }
 
 /// Builds the test kernel + initramfs into `dir` (`vmlinuz`, `initramfs.cpio.gz`).
+/// The DUT agent, another package of the workspace, built beside farmgate.
+pub fn farm_agent_exe() -> PathBuf {
+    let p = farmgate_exe().with_file_name("farm-agent");
+    assert!(
+        p.exists(),
+        "{} is missing: build the whole workspace (cargo build --workspace) before these tests",
+        p.display()
+    );
+    p
+}
+
 pub fn build_initramfs(dir: &Path) {
+    build_initramfs_with(dir, &[]);
+}
+
+/// [`build_initramfs`] with more programs (and their libraries) in it.
+pub fn build_initramfs_with(dir: &Path, binaries: &[PathBuf]) {
     std::fs::create_dir_all(dir).expect("initramfs dir");
-    let out = Command::new(mkinitramfs_exe())
-        .arg("--out")
-        .arg(dir)
-        .output()
-        .expect("farmgate-mkinitramfs runs");
+    let mut cmd = Command::new(mkinitramfs_exe());
+    cmd.arg("--out").arg(dir);
+    for b in binaries {
+        cmd.arg("--binary").arg(b);
+    }
+    let out = cmd.output().expect("farmgate-mkinitramfs runs");
     assert!(
         out.status.success(),
         "farmgate-mkinitramfs failed: {}\n{}",
@@ -261,7 +282,12 @@ impl Gateway {
         let registry_port = free_port();
         let private_net = opts.private_net.then(PrivateNet::create);
         if opts.qemu_ports > 0 {
-            build_initramfs(&dir.path().join("tftp"));
+            let extra = if opts.qemu_agent {
+                vec![farm_agent_exe()]
+            } else {
+                vec![]
+            };
+            build_initramfs_with(&dir.path().join("tftp"), &extra);
             let mut config = BTreeMap::new();
             let mut set = |k: &str, v: String| {
                 config.insert(k.to_string(), serde_yaml_ng::Value::String(v));
@@ -369,7 +395,14 @@ impl Gateway {
                 ),
                 (
                     "BOOTS_DEFAULT_CMDLINE",
-                    format!("console=ttyS0 panic=-1 farmgate.register={base}"),
+                    if opts.qemu_agent {
+                        format!(
+                            "console=ttyS0 panic=-1 farmgate.net farmgate.run=\"{} --no-poweroff\" farmgate.agent=register farmgate.gateway={base}",
+                            farm_agent_exe().display()
+                        )
+                    } else {
+                        format!("console=ttyS0 panic=-1 farmgate.register={base}")
+                    },
                 ),
             ] {
                 env.retain(|(ek, _)| ek != k);

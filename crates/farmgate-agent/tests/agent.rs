@@ -1,0 +1,175 @@
+//! The `farm-agent` binary in boot2container's pipeline mode on this host: a job's
+//! containers pulled from a real registry (Debian's docker-registry on loopback) and run
+//! with the real crun, writing into a named volume; the final lines and exit status.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use farmgate_agent::oci;
+
+fn busybox_image() -> Image {
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static)");
+    let l = layer(
+        &[
+            dir("bin", 0o755),
+            file("bin/busybox", 0o755, &busybox),
+            symlink("bin/sh", "busybox"),
+            symlink("bin/echo", "busybox"),
+            symlink("bin/cat", "busybox"),
+            dir("etc", 0o755),
+            file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n"),
+            dir("tmp", 0o1777),
+        ],
+        OCI_TAR_GZ,
+    );
+    Image::new(
+        vec![l],
+        serde_json::json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]}),
+        oci::default_arch(),
+        false,
+    )
+}
+
+/// crun, run with the cgroup v2 hierarchy of a hybrid host hidden (crun 1.8 refuses
+/// hybrid hosts whose v2 hierarchy has controllers; a DUT mounts only cgroup2).
+fn crun_wrapper(dir: &Path) -> std::path::PathBuf {
+    let crun = dir.join("crun-wrapper");
+    std::fs::write(
+        &crun,
+        "#!/bin/sh\n\
+         if grep -q ' /sys/fs/cgroup/unified cgroup2 ' /proc/self/mounts && \
+         [ -n \"$(cat /sys/fs/cgroup/unified/cgroup.controllers 2>/dev/null)\" ]; then\n\
+         exec unshare -m sh -c 'umount -l /sys/fs/cgroup/unified && exec /usr/bin/crun \"$@\"' crun \"$@\"\n\
+         fi\n\
+         exec /usr/bin/crun \"$@\"\n",
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(&crun, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    crun
+}
+
+fn agent(cmdline: &str, storage: &Path, crun: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_farm-agent"))
+        .args(["--no-poweroff", "--cmdline", cmdline, "--storage"])
+        .arg(storage)
+        .arg("--crun")
+        .arg(crun)
+        .output()
+        .expect("farm-agent runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_pulls_runs_and_reports_like_boot2container() {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+        })
+        .unwrap_or_default();
+    if uid != "0" {
+        eprintln!("skipped: crun needs root (CI runs as root)");
+        return;
+    }
+    let reg = DockerRegistry::start().await;
+    reg.push_image("test/box", "v1", &busybox_image()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let crun = crun_wrapper(dir.path());
+    let storage = dir.path().join("storage");
+    let image = format!("docker://127.0.0.1:{}/test/box:v1", reg.port);
+    // Two containers share the job volume; the second reads what the first wrote.
+    let cmdline = format!(
+        "console=ttyS0 b2c.container=\"--tls-verify=false -v job:/job {image} sh -c 'echo from the first > /job/out.txt'\" \
+         b2c.container=\"--tls-verify=false -v job:/job {image} sh -c 'cat /job/out.txt; echo status=$B2C_PIPELINE_STATUS'\""
+    );
+    let (code, out) = agent(&cmdline, &storage, &crun);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("from the first"), "{out}");
+    assert!(out.contains("status=0"), "{out}");
+    assert!(
+        out.contains("Execution is over, pipeline status: 0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("It's now safe to turn off your computer"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(storage.join("volumes/job/out.txt")).unwrap_or_default(),
+        "from the first\n"
+    );
+    // A failing container: its exit code is the pipeline's status, and with pipefail
+    // the next one does not run; the post container always does.
+    let cmdline = format!(
+        "b2c.pipefail b2c.container=\"--tls-verify=false {image} sh -c 'exit 7'\" \
+         b2c.container=\"--tls-verify=false {image} echo must-not-run\" \
+         b2c.post_container=\"--tls-verify=false {image} sh -c 'echo post saw $B2C_PIPELINE_STATUS'\""
+    );
+    let (code, out) = agent(&cmdline, &storage, &crun);
+    assert_eq!(code, 7, "{out}");
+    assert!(!out.contains("must-not-run\n"), "{out}");
+    assert!(out.contains("post saw 7"), "{out}");
+    assert!(
+        out.contains("Execution is over, pipeline status: 7"),
+        "{out}"
+    );
+    // An image that does not exist: a clear message, a failed pipeline.
+    let cmdline = format!(
+        "b2c.container=\"--tls-verify=false docker://127.0.0.1:{}/test/nothing:v1 true\"",
+        reg.port
+    );
+    let (code, out) = agent(&cmdline, &storage, &crun);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("test/nothing"), "{out}");
+    assert!(
+        out.contains("Execution is over, pipeline status: 1"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_mode_and_bad_modes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (code, out) = agent(
+        "farmgate.agent=check",
+        dir.path(),
+        Path::new("/usr/bin/crun"),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("farm-agent: check passed") && out.contains("cpu:arch:"),
+        "{out}"
+    );
+    let (code, out) = agent(
+        "farmgate.agent=register",
+        dir.path(),
+        Path::new("/usr/bin/crun"),
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("farmgate.gateway"), "{out}");
+    let (code, out) = agent(
+        "b2c.container=\"unterminated",
+        dir.path(),
+        Path::new("/usr/bin/crun"),
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("kernel command line") && out.contains("unterminated"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Execution is over, pipeline status: 1"),
+        "{out}"
+    );
+}
