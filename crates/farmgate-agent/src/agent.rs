@@ -173,6 +173,7 @@ pub fn volume_dirs(cfg: &B2cConfig, env: &AgentEnv) -> Result<BTreeMap<String, P
 /// it printed goes to the console (the agent's stdout). Returns the pipeline's result;
 /// the caller prints [`crate::run::final_lines`] and powers off.
 pub async fn run_b2c(cfg: &B2cConfig, env: &AgentEnv) -> PipelineResult {
+    use crate::cmdline::Trigger;
     let volumes = match volume_dirs(cfg, env) {
         Ok(v) => v,
         Err(e) => {
@@ -180,22 +181,64 @@ pub async fn run_b2c(cfg: &B2cConfig, env: &AgentEnv) -> PipelineResult {
             BTreeMap::new()
         }
     };
+    // The volumes mirrored with S3 (`b2c.volume` with mirror/pull_from/push_to).
+    let mut mirrors = Vec::new();
+    for v in &cfg.volumes {
+        let Some(dir) = volumes.get(&v.name) else {
+            continue;
+        };
+        match crate::volume::VolumeMirror::new(v, &cfg.minio, dir.clone()) {
+            Ok(m) => mirrors.push(m),
+            Err(e) => println!("farm-agent: volume {}: {e}", v.name),
+        }
+    }
+    async fn trigger_all(mirrors: &mut [crate::volume::VolumeMirror], t: Trigger) {
+        for m in mirrors.iter_mut() {
+            if let Err(e) = m.on(t).await {
+                println!("farm-agent: volume {}: {e}", m.dir().display());
+            }
+        }
+    }
+    trigger_all(&mut mirrors, Trigger::PipelineStart).await;
     let mut index = 0usize;
     let volumes_ref = &volumes;
-    crate::run::run_pipeline(
+    let mirrors_ref = &mut mirrors;
+    let result = crate::run::run_pipeline(
         &cfg.containers,
         &cfg.post_containers,
         cfg.pipefail,
         async |spec: &ContainerSpec, extra: Vec<(String, String)>| {
             index += 1;
+            trigger_all(mirrors_ref, Trigger::ContainerStart).await;
             let r = run_container(env, index, spec, volumes_ref, extra).await;
             if let Err(e) = &r {
                 println!("farm-agent: container {}: {e}", spec.image);
             }
+            trigger_all(mirrors_ref, Trigger::ContainerEnd).await;
             r
         },
     )
-    .await
+    .await;
+    trigger_all(&mut mirrors, Trigger::PipelineEnd).await;
+    result
+}
+
+/// Mounts the cgroup2 hierarchy crun needs when nothing is mounted on `/sys/fs/cgroup`
+/// (a DUT's initramfs); a host that has its cgroups is left alone.
+pub fn ensure_cgroup2() -> Result<(), String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(|e| format!("/proc/self/mounts: {e}"))?;
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/cgroup")) {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/cgroup").map_err(|e| format!("/sys/fs/cgroup: {e}"))?;
+    nix::mount::mount(
+        Some("cgroup2"),
+        "/sys/fs/cgroup",
+        Some("cgroup2"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| format!("mounting cgroup2 on /sys/fs/cgroup: {e}"))
 }
 
 /// The storage directory the agent uses when `/storage` is not there.

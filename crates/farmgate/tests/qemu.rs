@@ -362,3 +362,221 @@ async fn discover_qemu_port_until_idle(gw: &Gateway, port: u32) -> farmgate_wire
     );
     view
 }
+
+/// A one-layer OCI image (static busybox) as an OCI layout in `dir`, tagged `v1`.
+fn busybox_oci_layout(dir: &std::path::Path) {
+    use sha2::Digest as _;
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("layout dirs");
+    let put = |data: &[u8]| -> (String, usize) {
+        let hex = hex::encode(sha2::Sha256::digest(data));
+        std::fs::write(blobs.join(&hex), data).expect("blob");
+        (format!("sha256:{hex}"), data.len())
+    };
+    let mut tar = tar::Builder::new(Vec::new());
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static)");
+    let header = |kind: tar::EntryType, mode: u32, size: u64| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h
+    };
+    let h = header(tar::EntryType::Directory, 0o755, 0);
+    tar.append_data(&mut h.clone(), "bin/", std::io::empty())
+        .expect("dir");
+    tar.append_data(&mut h.clone(), "tmp/", std::io::empty())
+        .expect("dir");
+    let mut f = header(tar::EntryType::Regular, 0o755, busybox.len() as u64);
+    tar.append_data(&mut f, "bin/busybox", busybox.as_slice())
+        .expect("busybox");
+    for applet in ["sh", "cat", "echo", "ls"] {
+        let mut l = header(tar::EntryType::Symlink, 0o777, 0);
+        tar.append_link(&mut l, format!("bin/{applet}"), "busybox")
+            .expect("link");
+    }
+    let raw = tar.into_inner().expect("tar");
+    let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&raw)));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &raw).expect("gzip");
+    let (layer, layer_size) = put(&gz.finish().expect("gzip"));
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    });
+    let (config, config_size) = put(config.to_string().as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": layer_size}],
+    });
+    let (manifest, manifest_size) = put(manifest.to_string().as_bytes());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest,
+                       "size": manifest_size, "annotations": {"org.opencontainers.image.ref.name": "v1"}}],
+    });
+    std::fs::write(dir.join("index.json"), index.to_string()).expect("index");
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("layout");
+}
+
+/// Debian's docker-registry on a loopback port, killed on drop.
+struct Upstream {
+    port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn upstream_with_busybox_image() -> Upstream {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = dir.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .expect("config");
+    let child = std::process::Command::new("/usr/bin/docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("docker-registry (scripts/setup.sh installs it)");
+    let up = Upstream {
+        port,
+        child,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("http://127.0.0.1:{port}/v2/"))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "docker-registry did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let layout = up._dir.path().join("layout");
+    busybox_oci_layout(&layout);
+    let out = std::process::Command::new("skopeo")
+        .args(["copy", "--insecure-policy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://127.0.0.1:{port}/test/box:v1"))
+        .output()
+        .expect("skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo copy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    up
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_job_container_through_the_registry_cache_writes_into_the_share_directory() {
+    let up = upstream_with_busybox_image().await;
+    let opts = GatewayOptions {
+        qemu_agent: true,
+        ..GatewayOptions::default()
+    }
+    .qemu_dut(0, &["qemu"], true)
+    .env(
+        "FARMGATE_REGISTRY_UPSTREAMS",
+        &format!("local=http://127.0.0.1:{}", up.port),
+    );
+    let gw = Gateway::start(opts).await;
+    let agent = farm_agent_exe();
+    let image = format!("docker://10.42.0.1:{}/local/test/box:v1", gw.registry_port);
+    let b2c_job = |name: &str, container: &str| {
+        gw.write_job(
+            name,
+            &format!(
+            r#"version: 1
+target:
+  tags: [qemu]
+timeouts:
+  boot_cycle:
+    minutes: 5
+console_patterns:
+  session_end:
+    regex: "reboot: Power down"
+  job_success:
+    regex: "Execution is over, pipeline status: 0"
+deployment:
+  start:
+    kernel:
+      url: "{{{{ job.http.url }}}}/boot/vmlinuz"
+      cmdline: 'console=ttyS0 panic=-1 farmgate.net farmgate.run="{agent} --no-poweroff" b2c.minio="job,{{{{ minio_url }}}},{{{{ job_bucket_access_key }}}},{{{{ job_bucket_secret_key }}}}" b2c.volume="job,mirror=job/{{{{ job_bucket }}}},pull_on=pipeline_start,push_on=container_end" b2c.container="--tls-verify=false -v job:/job {image} {container}"'
+    initramfs:
+      - url: "{{{{ job.http.url }}}}/boot/initramfs.cpio.gz"
+"#,
+                agent = agent.display()
+            ),
+        )
+    };
+    let job = b2c_job(
+        "b2c.yml.j2",
+        "sh -c ''cat /job/in.txt > /job/out.txt; echo container done''",
+    );
+    let share = gw.dir.path().join("share");
+    std::fs::create_dir_all(&share).expect("share");
+    std::fs::write(share.join("in.txt"), "from the user's machine\n").expect("in.txt");
+    let r = gw
+        .farmctl_run(&["run", "-s", path_str(&share), path_str(&job)], LIMIT)
+        .await;
+    assert_eq!(r.code, code(JobStatus::Pass), "{}\n{}", r.all(), gw.logs());
+    assert!(r.stdout.contains("container done"), "{}", r.all());
+    // What the container wrote came back into the user's directory.
+    assert_eq!(
+        std::fs::read_to_string(share.join("out.txt")).unwrap_or_default(),
+        "from the user's machine\n",
+        "{}",
+        r.all()
+    );
+    // A failing container: the pipeline's status is its exit code, the job fails.
+    let failing = b2c_job("b2c-fail.yml.j2", "sh -c ''echo failing now; exit 3''");
+    let r = gw
+        .farmctl_run(&["run", "-s", path_str(&share), path_str(&failing)], LIMIT)
+        .await;
+    assert_eq!(r.code, code(JobStatus::Fail), "{}\n{}", r.all(), gw.logs());
+    assert!(
+        r.stdout.contains("failing now")
+            && r.stdout.contains("Execution is over, pipeline status: 3"),
+        "{}",
+        r.all()
+    );
+    // The image came through the gateway's registry cache.
+    let stats: serde_json::Value = gw
+        .http
+        .get(format!("{}/metrics", gw.url()))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .map(|t| serde_json::json!(t))
+        .expect("text");
+    let text = stats.as_str().unwrap_or_default();
+    assert!(
+        text.lines().any(|l| l
+            .starts_with("farmgate_registry_requests_total{object=\"blob\",result=\"miss\"}")
+            && !l.ends_with(" 0")),
+        "{text}"
+    );
+    gw.stop().await;
+}

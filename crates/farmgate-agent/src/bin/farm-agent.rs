@@ -161,6 +161,9 @@ async fn pipeline(args: &Args, text: &str) -> i32 {
         crun: args.crun.clone(),
         ..AgentEnv::default()
     };
+    if let Err(e) = agent::ensure_cgroup2() {
+        println!("farm-agent: {e}");
+    }
     let result = agent::run_b2c(&cfg, &env).await;
     let reboot = result.shutdown == run::ShutdownMode::Reboot;
     finish(args, &cfg, result.status, reboot).await

@@ -283,7 +283,7 @@ impl Gateway {
         let private_net = opts.private_net.then(PrivateNet::create);
         if opts.qemu_ports > 0 {
             let extra = if opts.qemu_agent {
-                vec![farm_agent_exe()]
+                vec![farm_agent_exe(), PathBuf::from("/usr/bin/crun")]
             } else {
                 vec![]
             };
@@ -388,6 +388,8 @@ impl Gateway {
             let base = format!("http://10.42.0.1:{api_port}");
             for (k, v) in [
                 ("EXECUTOR_URL", base.clone()),
+                // Jobs' minio_url, as the machines reach it.
+                ("FARMGATE_S3_URL", format!("http://10.42.0.1:{s3_port}")),
                 ("BOOTS_DEFAULT_KERNEL", format!("{base}/boot/vmlinuz")),
                 (
                     "BOOTS_DEFAULT_INITRD",
