@@ -291,8 +291,8 @@ async fn qemu_blank_port_enrolled_by_the_dut_agent_registration_and_check_mode()
         ..GatewayOptions::default()
     };
     let gw = Gateway::start(
-        opts.env("SERGENT_HARTMAN_BOOT_COUNT", "2")
-            .env("SERGENT_HARTMAN_QUALIFYING_BOOT_COUNT", "2")
+        opts.env("SERGENT_HARTMAN_BOOT_COUNT", "3")
+            .env("SERGENT_HARTMAN_QUALIFYING_BOOT_COUNT", "3")
             .env("FARMGATE_DEFAULT_PDU_OFF_DELAY", "0.5"),
     )
     .await;
@@ -330,7 +330,7 @@ async fn qemu_blank_port_enrolled_by_the_dut_agent_registration_and_check_mode()
         .filter(|j| j["kind"] == "training")
         .filter_map(|j| j["job_id"].as_str().map(str::to_string))
         .collect();
-    assert_eq!(training.len(), 2, "{jobs}");
+    assert_eq!(training.len(), 3, "{jobs}");
     for t in &training {
         let log = gw.get_text(&format!("/api/v1/job/{t}/console.log")).await;
         assert!(log.contains("farm-agent: check passed"), "{log}");
