@@ -226,8 +226,12 @@ pub async fn run_b2c(cfg: &B2cConfig, env: &AgentEnv) -> PipelineResult {
 /// Mounts the cgroup2 hierarchy crun needs when nothing is mounted on `/sys/fs/cgroup`
 /// (a DUT's initramfs); a host that has its cgroups is left alone.
 pub fn ensure_cgroup2() -> Result<(), String> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(|e| format!("/proc/self/mounts: {e}"))?;
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/cgroup")) {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(|e| format!("/proc/self/mounts: {e}"))?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/cgroup"))
+    {
         return Ok(());
     }
     std::fs::create_dir_all("/sys/fs/cgroup").map_err(|e| format!("/sys/fs/cgroup: {e}"))?;
