@@ -417,7 +417,7 @@ pub fn add_binary(archive: &mut Archive, binary: &Path) -> Result<Vec<PathBuf>, 
     let mut files = vec![binary.to_path_buf()];
     files.extend(shared_libraries(binary)?);
     for f in &files {
-        let data = std::fs::read(f).map_err(|e| Error::Binary {
+        let data = stripped(f).map_err(|e| Error::Binary {
             path: binary.to_path_buf(),
             msg: format!("reading {}: {e}", f.display()),
         })?;
@@ -425,6 +425,34 @@ pub fn add_binary(archive: &mut Archive, binary: &Path) -> Result<Vec<PathBuf>, 
         archive.add_file(&rel, 0o755, data)?;
     }
     Ok(files)
+}
+
+/// The content of an ELF file without its symbols and debug information (binutils'
+/// `strip`, when installed): the initramfs is unpacked at every boot, so every byte
+/// counts. Without `strip`, or when it fails, the file as it is.
+fn stripped(path: &Path) -> std::io::Result<Vec<u8>> {
+    let original = std::fs::read(path)?;
+    if original.len() < 4 || &original[..4] != b"\x7fELF" {
+        return Ok(original);
+    }
+    let tmp = std::env::temp_dir().join(format!(
+        "farmgate-mkinitramfs-strip-{}-{}",
+        std::process::id(),
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let ok = std::process::Command::new("strip")
+        .arg("--strip-unneeded")
+        .arg("-o")
+        .arg(&tmp)
+        .arg(path)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let data = if ok { std::fs::read(&tmp).ok() } else { None };
+    let _ = std::fs::remove_file(&tmp);
+    Ok(data.unwrap_or(original))
 }
 
 /// Writes `data` to `path` atomically (temporary file in the same directory, then rename).

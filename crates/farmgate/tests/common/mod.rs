@@ -743,3 +743,127 @@ deployment:
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// A one-layer OCI image (static busybox) as an OCI layout in `dir`, tagged `v1`.
+pub fn busybox_oci_layout(dir: &std::path::Path) {
+    use sha2::Digest as _;
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("layout dirs");
+    let put = |data: &[u8]| -> (String, usize) {
+        let hex = hex::encode(sha2::Sha256::digest(data));
+        std::fs::write(blobs.join(&hex), data).expect("blob");
+        (format!("sha256:{hex}"), data.len())
+    };
+    let mut tar = tar::Builder::new(Vec::new());
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static)");
+    let header = |kind: tar::EntryType, mode: u32, size: u64| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h
+    };
+    let h = header(tar::EntryType::Directory, 0o755, 0);
+    tar.append_data(&mut h.clone(), "bin/", std::io::empty())
+        .expect("dir");
+    tar.append_data(&mut h.clone(), "tmp/", std::io::empty())
+        .expect("dir");
+    let mut f = header(tar::EntryType::Regular, 0o755, busybox.len() as u64);
+    tar.append_data(&mut f, "bin/busybox", busybox.as_slice())
+        .expect("busybox");
+    for applet in ["sh", "cat", "echo", "ls"] {
+        let mut l = header(tar::EntryType::Symlink, 0o777, 0);
+        tar.append_link(&mut l, format!("bin/{applet}"), "busybox")
+            .expect("link");
+    }
+    let raw = tar.into_inner().expect("tar");
+    let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&raw)));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &raw).expect("gzip");
+    let (layer, layer_size) = put(&gz.finish().expect("gzip"));
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    });
+    let (config, config_size) = put(config.to_string().as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": layer_size}],
+    });
+    let (manifest, manifest_size) = put(manifest.to_string().as_bytes());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest,
+                       "size": manifest_size, "annotations": {"org.opencontainers.image.ref.name": "v1"}}],
+    });
+    std::fs::write(dir.join("index.json"), index.to_string()).expect("index");
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("layout");
+}
+
+/// Debian's docker-registry on a loopback port, killed on drop.
+pub struct Upstream {
+    pub port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn upstream_with_busybox_image() -> Upstream {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = dir.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .expect("config");
+    let child = std::process::Command::new("/usr/bin/docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("docker-registry (scripts/setup.sh installs it)");
+    let up = Upstream {
+        port,
+        child,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("http://127.0.0.1:{port}/v2/"))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "docker-registry did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let layout = up._dir.path().join("layout");
+    busybox_oci_layout(&layout);
+    let out = std::process::Command::new("skopeo")
+        .args(["copy", "--insecure-policy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://127.0.0.1:{port}/test/box:v1"))
+        .output()
+        .expect("skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo copy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    up
+}
