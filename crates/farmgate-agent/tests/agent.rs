@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::Command;
 
@@ -34,24 +33,6 @@ fn busybox_image() -> Image {
     )
 }
 
-/// crun, run with the cgroup v2 hierarchy of a hybrid host hidden (crun 1.8 refuses
-/// hybrid hosts whose v2 hierarchy has controllers; a DUT mounts only cgroup2).
-fn crun_wrapper(dir: &Path) -> std::path::PathBuf {
-    let crun = dir.join("crun-wrapper");
-    std::fs::write(
-        &crun,
-        "#!/bin/sh\n\
-         if grep -q ' /sys/fs/cgroup/unified cgroup2 ' /proc/self/mounts && \
-         [ -n \"$(cat /sys/fs/cgroup/unified/cgroup.controllers 2>/dev/null)\" ]; then\n\
-         exec unshare -m sh -c 'umount -l /sys/fs/cgroup/unified && exec /usr/bin/crun \"$@\"' crun \"$@\"\n\
-         fi\n\
-         exec /usr/bin/crun \"$@\"\n",
-    )
-    .expect("wrapper");
-    std::fs::set_permissions(&crun, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    crun
-}
-
 fn agent(cmdline: &str, storage: &Path, crun: &Path) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_farm-agent"))
         .args(["--no-poweroff", "--cmdline", cmdline, "--storage"])
@@ -70,15 +51,7 @@ fn agent(cmdline: &str, storage: &Path, crun: &Path) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_pulls_runs_and_reports_like_boot2container() {
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
-        })
-        .unwrap_or_default();
-    if uid != "0" {
+    if !is_root() {
         eprintln!("skipped: crun needs root (CI runs as root)");
         return;
     }

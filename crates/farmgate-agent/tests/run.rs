@@ -3,12 +3,15 @@
 //! directory, boot2container's pipeline variables with and without pipefail; and the
 //! generated `config.json` checked without crun.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use common::{crun_wrapper, is_root};
 use farmgate_agent::cmdline::{ContainerSpec, parse_container};
 use farmgate_agent::oci::ImageConfig;
 use farmgate_agent::run::{
@@ -33,10 +36,6 @@ fn unique_name(what: &str) -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::SeqCst)
     )
-}
-
-fn is_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| m.uid()).ok() == Some(0)
 }
 
 /// Skips (with the reason printed) unless root with crun and busybox.
@@ -82,22 +81,7 @@ impl World {
             "root:x:0:\ntester:x:1234:\nvideo:x:44:tester\n",
         )
         .unwrap();
-        // crun 1.8 refuses hosts whose cgroup v2 hierarchy (hybrid mode) has controllers:
-        // run it with that hierarchy unmounted in a private mount namespace there.
-        let crun = dir.path().join("crun-wrapper");
-        std::fs::write(
-            &crun,
-            format!(
-                "#!/bin/sh\n\
-                 if grep -q ' /sys/fs/cgroup/unified cgroup2 ' /proc/self/mounts && \
-                 [ -n \"$(cat /sys/fs/cgroup/unified/cgroup.controllers 2>/dev/null)\" ]; then\n\
-                 exec unshare -m sh -c 'umount -l /sys/fs/cgroup/unified && exec {CRUN} \"$@\"' crun \"$@\"\n\
-                 fi\n\
-                 exec {CRUN} \"$@\"\n"
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&crun, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let crun = crun_wrapper(dir.path());
         let mut volumes = BTreeMap::new();
         for v in ["out", "ro"] {
             let p = dir.path().join("volumes").join(v);

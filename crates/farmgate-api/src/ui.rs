@@ -111,12 +111,7 @@ fn interactive_refusal(st: &AppState, id: &str) -> Option<String> {
         return Some(format!("job {job} is using the machine"));
     }
     let reserved = match (&view.record.pdu, &view.record.pdu_port_id) {
-        (Some(pdu), Some(port)) => st
-            .exec
-            .mars()
-            .pdus
-            .get(pdu)
-            .is_some_and(|p| p.reserved_port_ids.contains(port)),
+        (Some(pdu), Some(port)) => st.exec.port_reserved(pdu, port),
         _ => false,
     };
     if view.state == farmgate_wire::DutState::Retired || reserved {

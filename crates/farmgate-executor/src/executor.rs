@@ -534,16 +534,22 @@ impl Executor {
         record.pdu.is_some() && record.pdu_port_id.is_some()
     }
 
-    /// Why a DUT cannot be used now although its state allows it: its PDU does not
-    /// answer (the monitor's polls fail). Clears by itself when the PDU answers again.
+    /// Whether `port` of PDU `pdu` is reserved (set aside: nobody switches it, no job or
+    /// training round uses its machine; an admin may type into that machine's console).
+    pub fn port_reserved(&self, pdu: &str, port: &str) -> bool {
+        self.mars()
+            .pdus
+            .get(pdu)
+            .is_some_and(|p| p.reserved_port_ids.iter().any(|r| r == port))
+    }
+
+    /// Why a DUT cannot be used now although its state allows it: its PDU port is
+    /// reserved, or its PDU does not answer (the monitor's polls fail; clears by itself
+    /// when the PDU answers again).
     fn unavailable(&self, record: &DutRecord) -> Option<String> {
         let pdu = record.pdu.as_deref()?;
         if let Some(port) = record.pdu_port_id.as_deref()
-            && self
-                .mars()
-                .pdus
-                .get(pdu)
-                .is_some_and(|p| p.reserved_port_ids.iter().any(|r| r == port))
+            && self.port_reserved(pdu, port)
         {
             return Some(format!(
                 "its port {port} of PDU {pdu} is reserved (set aside for interactive use)"
@@ -1790,13 +1796,7 @@ impl Executor {
                 return;
             }
         };
-        let key = (pdu_name.to_string(), port_id.to_string());
-        let ticket = {
-            let mut reqs = lock(&self.inner.power_requests);
-            let n = reqs.entry(key.clone()).or_insert(0);
-            *n += 1;
-            *n
-        };
+        let (key, ticket) = self.new_power_request(pdu_name, port_id);
         let port_id = port_id.to_string();
         let wait = match state {
             PortState::On => self.min_off_wait(pdu.name(), &port_id).ok(),
@@ -2351,9 +2351,7 @@ impl Executor {
                 self.port_switchable(name, port_id, dut.as_deref())?;
             }
             // Newer than any background request of the daemon for this port.
-            *lock(&self.inner.power_requests)
-                .entry((name.to_string(), port_id.to_string()))
-                .or_insert(0) += 1;
+            self.new_power_request(name, port_id);
             pdu.set(port_id, state)
                 .await
                 .map_err(|e| ExecError::Device(e.to_string()))?;
@@ -2365,6 +2363,16 @@ impl Executor {
         self.port(name, port_id).await
     }
 
+    /// Registers a switch request for a port: its key and ticket. A background request
+    /// whose ticket is no longer the latest when it is due is dropped.
+    fn new_power_request(&self, pdu: &str, port: &str) -> ((String, String), u64) {
+        let key = (pdu.to_string(), port.to_string());
+        let mut reqs = lock(&self.inner.power_requests);
+        let n = reqs.entry(key.clone()).or_insert(0);
+        *n += 1;
+        (key, *n)
+    }
+
     /// Whether an admin may switch a port now: not reserved, no job on its machine.
     fn port_switchable(
         &self,
@@ -2372,12 +2380,7 @@ impl Executor {
         port_id: &str,
         dut: Option<&str>,
     ) -> Result<(), ExecError> {
-        let reserved = self
-            .mars()
-            .pdus
-            .get(name)
-            .is_some_and(|p| p.reserved_port_ids.iter().any(|p| p == port_id));
-        if reserved {
+        if self.port_reserved(name, port_id) {
             return Err(ExecError::Conflict(format!(
                 "port {port_id} of PDU {name} is reserved; un-reserve it first"
             )));

@@ -80,19 +80,18 @@ impl ExecMetrics {
     /// Takes in a job that is over, with its gateway messages.
     pub fn observe_job(&mut self, row: &JobRow, ctrl_events: &[JobEvent]) {
         let kind = row.kind.as_str().to_string();
-        let hist = |m: &mut BTreeMap<String, Histogram>| {
-            m.entry(kind.clone())
+        fn of<'a>(m: &'a mut BTreeMap<String, Histogram>, kind: &str) -> &'a mut Histogram {
+            m.entry(kind.to_string())
                 .or_insert_with(|| Histogram::new(SECONDS_BUCKETS))
-                .clone()
-        };
-        let mut wait = hist(&mut self.queue_wait);
-        let mut duration = hist(&mut self.job_duration);
-        let mut boot = hist(&mut self.boot_cycle);
+        }
+        // Every kind seen gets its three histograms, observed or not.
+        let wait = of(&mut self.queue_wait, &kind);
         if let Some(started) = row.started_at {
             wait.observe(secs(row.submitted_at, started));
-            if let Some(finished) = row.finished_at {
-                duration.observe(secs(started, finished));
-            }
+        }
+        let duration = of(&mut self.job_duration, &kind);
+        if let (Some(started), Some(finished)) = (row.started_at, row.finished_at) {
+            duration.observe(secs(started, finished));
         }
         let boots: Vec<chrono::DateTime<chrono::Utc>> = ctrl_events
             .iter()
@@ -100,18 +99,15 @@ impl ExecMetrics {
             .filter_map(|e| chrono::DateTime::parse_from_rfc3339(&e.date).ok())
             .map(|t| t.with_timezone(&chrono::Utc))
             .collect();
+        let boot = of(&mut self.boot_cycle, &kind);
         for (i, start) in boots.iter().enumerate() {
-            let end = boots.get(i + 1).copied().or(row.finished_at);
-            if let Some(end) = end {
+            if let Some(end) = boots.get(i + 1).copied().or(row.finished_at) {
                 boot.observe(secs(*start, end));
             }
         }
         let cycles = boots.len() as u64;
         *self.boot_cycles.entry(kind.clone()).or_default() += cycles;
-        *self.boot_retries.entry(kind.clone()).or_default() += cycles.saturating_sub(1);
-        self.queue_wait.insert(kind.clone(), wait);
-        self.job_duration.insert(kind.clone(), duration);
-        self.boot_cycle.insert(kind, boot);
+        *self.boot_retries.entry(kind).or_default() += cycles.saturating_sub(1);
     }
 }
 

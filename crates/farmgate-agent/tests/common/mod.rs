@@ -535,3 +535,30 @@ pub fn tree(dir: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// Whether the tests run as root (crun containers need it; CI runs as root).
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").map(|m| m.uid()).ok() == Some(0)
+}
+
+/// A script in `dir` running Debian's crun: crun 1.8 refuses hosts whose cgroup v2
+/// hierarchy (hybrid mode) has controllers, so there it runs in a private mount
+/// namespace with that hierarchy unmounted (a DUT mounts only cgroup2).
+pub fn crun_wrapper(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let crun = dir.join("crun-wrapper");
+    std::fs::write(
+        &crun,
+        "#!/bin/sh\n\
+         if grep -q ' /sys/fs/cgroup/unified cgroup2 ' /proc/self/mounts && \
+         [ -n \"$(cat /sys/fs/cgroup/unified/cgroup.controllers 2>/dev/null)\" ]; then\n\
+         exec unshare -m sh -c 'umount -l /sys/fs/cgroup/unified && exec /usr/bin/crun \"$@\"' crun \"$@\"\n\
+         fi\n\
+         exec /usr/bin/crun \"$@\"\n",
+    )
+    .expect("writing the crun wrapper");
+    std::fs::set_permissions(&crun, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the crun wrapper");
+    crun
+}
