@@ -11,8 +11,12 @@
 //! - [`volume`]: volumes mirrored with S3 buckets.
 
 pub mod agent;
+pub mod boot;
+pub mod cachedev;
 pub mod cmdline;
 pub mod hwtags;
+pub mod net;
+pub mod ntp;
 pub mod oci;
 pub mod register;
 pub mod run;

@@ -63,6 +63,9 @@ pub struct GatewayConfig {
     pub boots_tftp_root: PathBuf,
     /// `BOOTS_TFTP_PORT` (farmgate's): UDP port of the TFTP server (default 69).
     pub boots_tftp_port: u16,
+    /// `FARMGATE_NTP_PORT`: UDP port of the SNTP server DUTs set their clock from
+    /// (`b2c.ntp_peer=ci-gateway`; default 123, 0: none).
+    pub ntp_port: u16,
     /// `BOOTS_DISABLE_SERVERS`: any non-empty value turns the netboot servers off.
     pub boots_disable_servers: bool,
     /// `SALAD_URL`: where job runners find the console relay (default `http://ci-gateway:8005`).
@@ -327,6 +330,17 @@ impl StorageConfig {
     }
 }
 
+/// The files `farmgate image build` publishes in `BOOTS_TFTP_ROOT` for an architecture
+/// (`x86_64`, `aarch64`): kernel, initramfs and kernel command line, in that order.
+pub fn built_image_files(arch: &str) -> [String; 3] {
+    let arch = arch.to_ascii_lowercase();
+    [
+        format!("default_{arch}_kernel"),
+        format!("default_{arch}_initrd"),
+        format!("default_{arch}_cmdline"),
+    ]
+}
+
 /// Default of `BOOTS_DEFAULT_CMDLINE`, as seed 001 gives it.
 pub const DEFAULT_BOOT_CMDLINE: &str = "b2c.container=\"-ti --tls-verify=false docker://ci-gateway:8002/gfx-ci/ci-tron/machine-registration:latest register\" b2c.ntp_peer=\"ci-gateway\" b2c.cache_device=none loglevel=6";
 
@@ -391,6 +405,7 @@ impl GatewayConfig {
                 .unwrap_or_else(|| "/cache/boots/tftp".into())
                 .into(),
             boots_tftp_port: parse_or(env, "BOOTS_TFTP_PORT", 69)?,
+            ntp_port: parse_or(env, "FARMGATE_NTP_PORT", 123)?,
             boots_disable_servers: get("BOOTS_DISABLE_SERVERS").is_some_and(|v| !v.is_empty()),
             salad_url: get("SALAD_URL").unwrap_or_else(|| "http://ci-gateway:8005".into()),
             salad_port: parse_or(env, "SALAD_PORT", 8005)?,
@@ -522,12 +537,41 @@ impl GatewayConfig {
                 return Some(v.clone());
             }
         }
+        if let Some(v) = self.built_image_default(what, arch) {
+            return Some(v);
+        }
         match what {
             "KERNEL" => Some("http://ci-gateway:9000/boot/default_kernel".into()),
             "INITRD" => Some("http://ci-gateway:9000/boot/default_boot2container.cpio.xz".into()),
             "CMDLINE" => Some(DEFAULT_BOOT_CMDLINE.into()),
             _ => None,
         }
+    }
+}
+
+impl GatewayConfig {
+    /// `KERNEL`, `INITRD` or `CMDLINE` of the image `farmgate image build` published in
+    /// `BOOTS_TFTP_ROOT` for `arch` (else for the gateway's own architecture), served at
+    /// `<EXECUTOR_URL>/boot/`; `None` when there is no such image.
+    fn built_image_default(&self, what: &str, arch: Option<&str>) -> Option<String> {
+        let mut arches: Vec<String> = arch.map(|a| a.to_ascii_lowercase()).into_iter().collect();
+        arches.push(std::env::consts::ARCH.to_string());
+        for a in arches {
+            let [kernel, initrd, cmdline] = built_image_files(&a);
+            if !self.boots_tftp_root.join(&kernel).is_file() {
+                continue;
+            }
+            let url = |f: &str| format!("{}/boot/{f}", self.executor_url.trim_end_matches('/'));
+            return match what {
+                "KERNEL" => Some(url(&kernel)),
+                "INITRD" => Some(url(&initrd)),
+                "CMDLINE" => std::fs::read_to_string(self.boots_tftp_root.join(&cmdline))
+                    .ok()
+                    .map(|t| t.trim().to_string()),
+                _ => None,
+            };
+        }
+        None
     }
 }
 
@@ -621,6 +665,7 @@ mod tests {
         );
         assert_eq!(c.boots_tftp_root, PathBuf::from("/cache/boots/tftp"));
         assert_eq!(c.boots_tftp_port, 69);
+        assert_eq!(c.ntp_port, 123);
         assert!(!c.boots_disable_servers);
         assert_eq!(c.default_pdu_off_delay, 30.0);
     }
@@ -661,6 +706,63 @@ mod tests {
         ]))
         .expect_err("must fail");
         assert!(e.to_string().contains("SERGENT_HARTMAN_QUICK_CHECK"), "{e}");
+    }
+
+    #[test]
+    fn a_built_image_is_the_default_unless_a_variable_says_otherwise() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path().to_string_lossy().to_string();
+        let base = [
+            ("FARM_NAME", "f"),
+            ("BOOTS_TFTP_ROOT", r.as_str()),
+            ("EXECUTOR_URL", "http://10.42.0.1:8000/"),
+        ];
+        let c = GatewayConfig::from_env(&env(&base)).expect("valid");
+        // No image yet: seed 001's built-in defaults.
+        assert_eq!(
+            c.boot_default("KERNEL", Some("IPXE"), None, None)
+                .as_deref(),
+            Some("http://ci-gateway:9000/boot/default_kernel")
+        );
+        let [k, i, cmd] = built_image_files("AARCH64");
+        assert_eq!(k, "default_aarch64_kernel");
+        for f in [&k, &i] {
+            std::fs::write(root.path().join(f), b"x").unwrap();
+        }
+        std::fs::write(root.path().join(&cmd), "farmgate.agent=register x=1\n").unwrap();
+        assert_eq!(
+            c.boot_default("KERNEL", Some("IPXE"), Some("aarch64"), None)
+                .as_deref(),
+            Some("http://10.42.0.1:8000/boot/default_aarch64_kernel")
+        );
+        assert_eq!(
+            c.boot_default("INITRD", Some("IPXE"), Some("AARCH64"), None)
+                .as_deref(),
+            Some("http://10.42.0.1:8000/boot/default_aarch64_initrd")
+        );
+        assert_eq!(
+            c.boot_default("CMDLINE", None, Some("aarch64"), None)
+                .as_deref(),
+            Some("farmgate.agent=register x=1")
+        );
+        // Another architecture without an image of its own, and no image of the
+        // gateway's architecture: the seed's defaults again.
+        if std::env::consts::ARCH != "aarch64" {
+            assert_eq!(
+                c.boot_default("KERNEL", None, Some("riscv64"), None)
+                    .as_deref(),
+                Some("http://ci-gateway:9000/boot/default_kernel")
+            );
+        }
+        // A variable still wins over the image.
+        let mut vars = base.to_vec();
+        vars.push(("BOOTS_DEFAULT_KERNEL", "http://elsewhere/k"));
+        let c = GatewayConfig::from_env(&env(&vars)).expect("valid");
+        assert_eq!(
+            c.boot_default("KERNEL", None, Some("aarch64"), None)
+                .as_deref(),
+            Some("http://elsewhere/k")
+        );
     }
 
     #[test]

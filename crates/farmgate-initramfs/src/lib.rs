@@ -255,6 +255,9 @@ pub struct BuildOptions {
     /// More programs to include at their own paths (e.g. `/usr/bin/crun`), each with the
     /// shared libraries and the program interpreter it needs.
     pub extra_binaries: Vec<PathBuf>,
+    /// A program to boot instead of the shell `/init` (e.g. `farm-agent`): included at its
+    /// own path with its libraries, `/init` a symbolic link to it.
+    pub init: Option<PathBuf>,
 }
 
 impl BuildOptions {
@@ -269,6 +272,7 @@ impl BuildOptions {
             boot_dir: PathBuf::from("/boot"),
             modules_root: PathBuf::from("/lib/modules"),
             extra_binaries: Vec::new(),
+            init: None,
         }
     }
 }
@@ -566,6 +570,16 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, Error> {
     let mut extra_files = Vec::new();
     for b in &opts.extra_binaries {
         extra_files.extend(add_binary(&mut archive, b)?);
+    }
+    if let Some(init) = &opts.init {
+        if !init.is_absolute() {
+            return Err(Error::Binary {
+                path: init.clone(),
+                msg: "the init program must be given by its absolute path".into(),
+            });
+        }
+        extra_files.extend(add_binary(&mut archive, init)?);
+        archive.add_symlink("init", &init.to_string_lossy())?;
     }
     let cpio = archive.to_newc();
     let mut gz = flate2::GzBuilder::new()

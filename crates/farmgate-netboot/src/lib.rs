@@ -30,6 +30,7 @@
 
 pub mod dhcp;
 pub mod dhcp_server;
+pub mod ntp;
 pub mod packet;
 
 use std::collections::VecDeque;

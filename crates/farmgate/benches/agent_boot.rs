@@ -4,17 +4,19 @@
 //! 1. **busybox init**: the test initramfs (busybox, the NIC modules, an `/init`) with
 //!    `farmgate.net farmgate.run="echo FIRST-$((1+1))"`: network up by DHCP, then the
 //!    first command: what a minimal init does before any work.
-//! 2. **farm-agent**: the same initramfs plus `farm-agent` and crun with their libraries
-//!    (`farmgate-mkinitramfs --binary`), started the same way, with a
-//!    `b2c.container` running `echo FIRST-$((1+1))` in a one-layer busybox image pulled
-//!    from a docker-registry on the host (reached at QEMU's 10.0.2.2).
+//! 2. **farm-agent**: the image `farmgate image build` publishes (farm-agent as `/init`,
+//!    crun, busybox, the cache tools, network and disk modules), with a `b2c.container`
+//!    running `echo FIRST-$((1+1))` in a one-layer busybox image pulled from a
+//!    docker-registry on the host (reached at QEMU's 10.0.2.2): the agent mounts, loads
+//!    the modules, brings the network up by DHCP, pulls, unpacks and runs the container.
 //!
 //! Each round boots `qemu-system-x86_64` (TCG, 512 MiB, `-kernel/-initrd`) and times
 //! from spawning QEMU to the line `FIRST-2` on its serial console (computed on the
 //! machine, so the kernel's own command line cannot match it).
 //!
 //! `cargo build --release --workspace --bins && cargo bench -p farmgate --bench agent_boot`;
-//! `FARMGATE_BENCH_ROUNDS` (default 5) rounds per variant after one untimed warm-up each.
+//! `FARMGATE_BENCH_ROUNDS` (default 5) rounds per variant after one untimed warm-up each;
+//! `FARMGATE_BENCH_CONSOLE=1` prints each machine's console up to the marker.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -25,7 +27,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{farm_agent_exe, mkinitramfs_exe, upstream_with_busybox_image};
+use common::{farm_agent_exe, farmgate_exe, mkinitramfs_exe, upstream_with_busybox_image};
 
 const LIMIT: Duration = Duration::from_secs(180);
 const MARKER: &str = "FIRST-2";
@@ -46,8 +48,32 @@ fn initramfs(dir: &Path, binaries: &[&Path]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Seconds from spawning QEMU to [`MARKER`] on its console.
-fn boot(dir: &Path, append: &str) -> anyhow::Result<f64> {
+/// `farmgate image build --out dir` with the workspace's farm-agent.
+fn agent_image(dir: &Path) -> anyhow::Result<()> {
+    let out = Command::new(farmgate_exe())
+        .args([
+            "image",
+            "build",
+            "--gateway-url",
+            "http://10.0.2.2:1",
+            "--out",
+        ])
+        .arg(dir)
+        .arg("--agent")
+        .arg(farm_agent_exe())
+        .env_remove("FARM_NAME")
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "farmgate image build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    Ok(())
+}
+
+/// Seconds from spawning QEMU with `kernel` and `initrd` to [`MARKER`] on its console.
+fn boot(kernel: &Path, initrd: &Path, append: &str) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args([
@@ -67,9 +93,9 @@ fn boot(dir: &Path, append: &str) -> anyhow::Result<f64> {
             "virtio-net-pci,netdev=n0",
         ])
         .arg("-kernel")
-        .arg(dir.join("vmlinuz"))
+        .arg(kernel)
         .arg("-initrd")
-        .arg(dir.join("initramfs.cpio.gz"))
+        .arg(initrd)
         .arg("-append")
         .arg(append)
         .stdin(Stdio::null())
@@ -101,6 +127,11 @@ fn boot(dir: &Path, append: &str) -> anyhow::Result<f64> {
     };
     let result = loop {
         if let Some(t) = *seen.lock().unwrap_or_else(|e| e.into_inner()) {
+            if std::env::var_os("FARMGATE_BENCH_CONSOLE").is_some() {
+                // What the machine printed, for the phases' timestamps.
+                std::thread::sleep(Duration::from_millis(200));
+                println!("{}", out.lock().unwrap_or_else(|e| e.into_inner()));
+            }
             break Ok(t);
         }
         if child.try_wait()?.is_some() || started.elapsed() > LIMIT {
@@ -137,22 +168,27 @@ async fn main() -> anyhow::Result<()> {
     let plain = work.path().join("plain");
     let with_agent = work.path().join("agent");
     initramfs(&plain, &[])?;
-    let agent = farm_agent_exe();
-    initramfs(&with_agent, &[&agent, Path::new("/usr/bin/crun")])?;
-    let base = "console=ttyS0 panic=-1 quiet farmgate.net";
-    let busybox = format!("{base} farmgate.run=\"echo FIRST-$((1+1))\"");
+    agent_image(&with_agent)?;
+    let arch = std::env::consts::ARCH;
+    let plain_files = (plain.join("vmlinuz"), plain.join("initramfs.cpio.gz"));
+    let agent_files = (
+        with_agent.join(format!("default_{arch}_kernel")),
+        with_agent.join(format!("default_{arch}_initrd")),
+    );
+    let busybox = "console=ttyS0 panic=-1 quiet farmgate.net farmgate.run=\"echo FIRST-$((1+1))\"";
     let agent_line = format!(
-        "{base} farmgate.run=\"{} --no-poweroff\" b2c.container=\"--tls-verify=false docker://10.0.2.2:{}/test/box:v1 sh -c 'echo FIRST-$((1+1))'\"",
-        agent.display(),
+        "console=ttyS0 panic=-1 quiet b2c.container=\"--tls-verify=false docker://10.0.2.2:{}/test/box:v1 sh -c 'echo FIRST-$((1+1))'\"",
         up.port
     );
+    let plain_boot = || boot(&plain_files.0, &plain_files.1, busybox);
+    let agent_boot = || boot(&agent_files.0, &agent_files.1, &agent_line);
     // Warm-up (page cache, first pull into the registry's cache).
-    boot(&plain, &busybox)?;
-    boot(&with_agent, &agent_line)?;
+    plain_boot()?;
+    agent_boot()?;
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
-        let x = boot(&plain, &busybox)?;
-        let y = boot(&with_agent, &agent_line)?;
+        let x = plain_boot()?;
+        let y = agent_boot()?;
         println!("round {round}: busybox init {x:.2} s, farm-agent {y:.2} s");
         a.push(x);
         b.push(y);

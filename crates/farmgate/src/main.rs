@@ -4,6 +4,8 @@
 //!   names): the executor's REST API, SALAD, Sergeant Hartman.
 //! - `farmgate run-job` is what `serve` starts for each job, in its own process group;
 //!   it exits with the job's status code. Users do not call it.
+//! - `farmgate image build` builds the DUT image (kernel, initramfs with farm-agent) and
+//!   publishes it where the default boot configuration finds it ([`image`]).
 //!
 //! Exit codes of `serve`: 0 after a clean shutdown, 1 on a runtime failure, 2 on a bad
 //! configuration.
@@ -15,6 +17,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use farmgate_executor::{Executor, GatewayConfig};
 use tokio_util::sync::CancellationToken;
+
+mod image;
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +45,15 @@ enum Command {
         #[arg(long)]
         job_id: String,
     },
+    /// The DUT image (kernel + initramfs with farm-agent) the gateway boots by default.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build it from host packages and publish it in BOOTS_TFTP_ROOT.
+    Build(image::BuildArgs),
 }
 
 fn init_tracing() {
@@ -79,6 +92,29 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("farmgate: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Image(ImageCommand::Build(args)) => {
+            let config = GatewayConfig::from_process_env().ok();
+            match image::build(&args, config.as_ref()) {
+                Ok(p) => {
+                    println!("{}", p.summary);
+                    println!(
+                        "farmgate image build: published {} and {}; unknown machines of this architecture now boot them with: {}",
+                        p.kernel.display(),
+                        p.initrd.display(),
+                        p.cmdline
+                    );
+                    println!(
+                        "(BOOTS_DEFAULT_* variables, when set, still take precedence; the command line is in {})",
+                        p.cmdline_file.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("farmgate image build: {e:#}");
                     ExitCode::from(1)
                 }
             }
@@ -584,6 +620,36 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         });
         Some(local)
     };
+    // SNTP for the DUTs' clocks (`b2c.ntp_peer=ci-gateway`). Not fatal: a host NTP
+    // daemon may hold the port already, and DUTs can use another peer.
+    let ntp = if config.boots_disable_servers || config.ntp_port == 0 {
+        None
+    } else {
+        let addr = std::net::SocketAddr::new(config.executor_host, config.ntp_port);
+        match tokio::net::UdpSocket::bind(addr).await {
+            Ok(sock) => {
+                let local = sock.local_addr()?;
+                let sd = shutdown.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        r = farmgate_netboot::ntp::serve(sock, farmgate_netboot::ntp::DEFAULT_STRATUM) => {
+                            if let Err(e) = r {
+                                tracing::error!("NTP server stopped: {e}");
+                            }
+                        }
+                        _ = sd.cancelled() => {}
+                    }
+                });
+                Some(local)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot serve NTP on {addr} (FARMGATE_NTP_PORT): {e}; DUTs asking ci-gateway for the time get no answer"
+                );
+                None
+            }
+        }
+    };
     // DHCP on the DUTs' network, when there is one (PRIVATE_INTERFACE).
     let dhcp = if config.boots_disable_servers {
         None
@@ -631,6 +697,7 @@ async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         salad = %salad_listener.local_addr()?,
         tftp = ?tftp,
         dhcp = ?dhcp,
+        ntp = ?ntp,
         network_consoles = ?salad.tcpconsole_addr(),
         s3 = ?s3.as_ref().map(|_| config.storage.s3_port),
         registry = ?registry.as_ref().map(|(addr, _)| addr),

@@ -334,6 +334,10 @@ async fn qemu_blank_port_enrolled_by_the_dut_agent_registration_and_check_mode()
     for t in &training {
         let log = gw.get_text(&format!("/api/v1/job/{t}/console.log")).await;
         assert!(log.contains("farm-agent: check passed"), "{log}");
+        assert!(
+            log.contains("farm-agent: starting as the machine's init"),
+            "{log}"
+        );
     }
     gw.stop().await;
 }
@@ -376,7 +380,6 @@ async fn qemu_job_container_through_the_registry_cache_writes_into_the_share_dir
         &format!("local=http://127.0.0.1:{}", up.port),
     );
     let gw = Gateway::start(opts).await;
-    let agent = farm_agent_exe();
     let image = format!("docker://10.42.0.1:{}/local/test/box:v1", gw.registry_port);
     let b2c_job = |name: &str, container: &str| {
         gw.write_job(
@@ -396,12 +399,11 @@ console_patterns:
 deployment:
   start:
     kernel:
-      url: "{{{{ job.http.url }}}}/boot/vmlinuz"
-      cmdline: 'console=ttyS0 panic=-1 farmgate.net farmgate.run="{agent} --no-poweroff" b2c.minio="job,{{{{ minio_url }}}},{{{{ job_bucket_access_key }}}},{{{{ job_bucket_secret_key }}}}" b2c.volume="job,mirror=job/{{{{ job_bucket }}}},pull_on=pipeline_start,push_on=container_end" b2c.container="--tls-verify=false -v job:/job {image} {container}"'
+      url: "{{{{ job.http.url }}}}/boot/default_x86_64_kernel"
+      cmdline: 'console=ttyS0 panic=-1 b2c.minio="job,{{{{ minio_url }}}},{{{{ job_bucket_access_key }}}},{{{{ job_bucket_secret_key }}}}" b2c.volume="job,mirror=job/{{{{ job_bucket }}}},pull_on=pipeline_start,push_on=container_end" b2c.container="--tls-verify=false -v job:/job {image} {container}"'
     initramfs:
-      - url: "{{{{ job.http.url }}}}/boot/initramfs.cpio.gz"
-"#,
-                agent = agent.display()
+      - url: "{{{{ job.http.url }}}}/boot/default_x86_64_initrd"
+"#
             ),
         )
     };
@@ -417,6 +419,15 @@ deployment:
         .await;
     assert_eq!(r.code, code(JobStatus::Pass), "{}\n{}", r.all(), gw.logs());
     assert!(r.stdout.contains("container done"), "{}", r.all());
+    // The image of `farmgate image build`: the agent is the machine's init and brought
+    // the network up itself.
+    for want in [
+        "farm-agent: starting as the machine's init",
+        "network eth0 10.42.0.",
+        "machine ready",
+    ] {
+        assert!(r.stdout.contains(want), "{want}: {}", r.all());
+    }
     // What the container wrote came back into the user's directory.
     assert_eq!(
         std::fs::read_to_string(share.join("out.txt")).unwrap_or_default(),

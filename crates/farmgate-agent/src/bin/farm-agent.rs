@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use farmgate_agent::agent::{self, AgentEnv, Mode};
-use farmgate_agent::{cmdline, hwtags, register, run};
+use farmgate_agent::{boot, cachedev, cmdline, hwtags, net, ntp, register, run};
 
 /// The farmgate DUT agent.
 #[derive(Debug, Parser)]
@@ -32,29 +32,90 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let pid1 = boot::is_pid1();
+    if pid1 {
+        println!("farm-agent: starting as the machine's init");
+        for p in boot::early_mounts() {
+            println!("farm-agent: {p}");
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
     {
-        Ok(rt) => rt,
+        Ok(rt) => Some(rt),
         Err(e) => {
             println!("farm-agent: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            None
         }
     };
-    let code = rt.block_on(main_async(args));
-    ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
+    let end = match rt {
+        Some(rt) => {
+            let run = std::panic::AssertUnwindSafe(|| rt.block_on(main_async(&args, pid1)));
+            match std::panic::catch_unwind(run) {
+                Ok(end) => end,
+                Err(_) => {
+                    println!("farm-agent: internal error (see the panic above)");
+                    End::failed(&cmdline::B2cConfig::default())
+                }
+            }
+        }
+        None => End::failed(&cmdline::B2cConfig::default()),
+    };
+    if !args.no_poweroff {
+        std::thread::sleep(end.poweroff_delay);
+        if pid1 {
+            // The machine's init must never exit (the kernel would panic).
+            let why = boot::power_off(end.action, &end.command);
+            println!("farm-agent: cannot power off: {why}");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        let _ = std::process::Command::new("sh")
+            .args(["-c", &end.command])
+            .status();
+    }
+    ExitCode::from(u8::try_from(end.status.clamp(0, 255)).unwrap_or(1))
 }
 
-async fn main_async(args: Args) -> i32 {
+/// How the run ended and how the machine goes down.
+struct End {
+    status: i32,
+    action: boot::PowerAction,
+    command: String,
+    poweroff_delay: Duration,
+}
+
+impl End {
+    fn new(cfg: &cmdline::B2cConfig, status: i32, reboot: bool) -> End {
+        let (action, command) = if reboot {
+            (boot::PowerAction::Reboot, cfg.reboot_cmd.clone())
+        } else {
+            (boot::PowerAction::PowerOff, cfg.shutdown_cmd.clone())
+        };
+        End {
+            status,
+            action,
+            command,
+            poweroff_delay: cfg.poweroff_delay,
+        }
+    }
+
+    fn failed(cfg: &cmdline::B2cConfig) -> End {
+        End::new(cfg, 1, false)
+    }
+}
+
+async fn main_async(args: &Args, pid1: bool) -> End {
     let text = match &args.cmdline {
         Some(t) => t.clone(),
         None => match std::fs::read_to_string("/proc/cmdline") {
             Ok(t) => t,
             Err(e) => {
                 println!("farm-agent: cannot read /proc/cmdline: {e}");
-                return 1;
+                return End::failed(&cmdline::B2cConfig::default());
             }
         },
     };
@@ -63,14 +124,110 @@ async fn main_async(args: Args) -> i32 {
         Err(e) => {
             // Still end like every run: the final lines, then the power off.
             println!("farm-agent: kernel command line: {e}");
-            return finish(&args, &cmdline::B2cConfig::default(), 1, false).await;
+            return finish(&cmdline::B2cConfig::default(), 1, false);
         }
     };
-    match mode {
-        Mode::Check => check(),
-        Mode::Register { gateway } => register_machine(&gateway).await,
-        Mode::Pipeline => pipeline(&args, &text).await,
+    // The b2c options are read in every mode: the machine's set-up (modules, network,
+    // clock, cache) follows them too.
+    let cfg = match cmdline::parse(&text) {
+        Ok(c) => c,
+        Err(e) if mode == Mode::Pipeline => {
+            println!("farm-agent: kernel command line: {e}");
+            return finish(&cmdline::B2cConfig::default(), 1, false);
+        }
+        Err(e) => {
+            println!("farm-agent: kernel command line: {e} (ignored in this mode)");
+            cmdline::B2cConfig::default()
+        }
+    };
+    let mut setup = Setup::default();
+    if pid1 {
+        setup = machine_setup(&cfg, &mode).await;
     }
+    match mode {
+        Mode::Check => End::new(&cfg, check(), false),
+        Mode::Register { gateway } => End::new(&cfg, register_machine(&gateway).await, false),
+        Mode::Pipeline => pipeline(args, cfg, &setup).await,
+    }
+}
+
+/// What the set-up of the machine found out (as init).
+#[derive(Debug, Default)]
+struct Setup {
+    /// The DHCP server of the first interface configured by DHCP (the gateway).
+    dhcp_server: Option<std::net::IpAddr>,
+}
+
+/// The machine's set-up when the agent is its init: modules, host name, network, clock,
+/// cache partition. Problems are printed; the run goes on (the job's own output then
+/// says what is missing).
+async fn machine_setup(cfg: &cmdline::B2cConfig, mode: &Mode) -> Setup {
+    let mut setup = Setup::default();
+    let at = boot::uptime;
+    let m = boot::load_modules(
+        Path::new(boot::MODULE_LIST),
+        &boot::running_modules_dir(),
+        &cfg.insmods,
+    );
+    println!(
+        "farm-agent: [{:.2} s] {} modules loaded{}",
+        at(),
+        m.loaded.len(),
+        if m.loaded.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", m.loaded.join(" "))
+        }
+    );
+    for p in &m.problems {
+        println!("farm-agent: module: {p}");
+    }
+    if let Err(e) = boot::set_hostname(cfg.hostname.as_deref()) {
+        println!("farm-agent: {e}");
+    }
+    if *mode == Mode::Check {
+        // The boot loops' check needs nothing more.
+        return setup;
+    }
+    match net::bring_up(cfg, &net::NetPaths::default(), Duration::from_secs(30)).await {
+        Ok(list) => {
+            for c in &list {
+                println!("farm-agent: [{:.2} s] network {c}", at());
+                if let (None, net::Source::Dhcp(lease)) = (setup.dhcp_server, &c.source) {
+                    setup.dhcp_server = Some(std::net::IpAddr::V4(lease.server));
+                }
+            }
+        }
+        Err(e) => println!("farm-agent: network: {e}"),
+    }
+    if cfg.ntp_peer != cmdline::NtpPeer::None {
+        // The clock is set when the peer answers; nothing waits for it.
+        let (peer, fallback) = (cfg.ntp_peer.clone(), setup.dhcp_server);
+        tokio::spawn(async move {
+            match ntp::sync(&peer, fallback, ntp::NTP_PORT, true, Duration::from_secs(2)).await {
+                Ok(Some(sample)) => println!("farm-agent: clock set from {sample}"),
+                Ok(None) => {}
+                Err(e) => println!("farm-agent: clock not set: {e}"),
+            }
+        });
+    }
+    if matches!(mode, Mode::Pipeline) {
+        let env = cachedev::CacheEnv::default();
+        if let Err(e) = std::fs::create_dir_all(&env.mount_point) {
+            println!("farm-agent: {}: {e}", env.mount_point.display());
+        }
+        match cachedev::prepare(
+            &cfg.cache_device,
+            &cfg.filesystems,
+            cfg.swap.as_deref(),
+            &env,
+        ) {
+            Ok(outcome) => println!("{}", outcome.describe()),
+            Err(e) => println!("farm-agent: cache: {e}; images stay in RAM"),
+        }
+    }
+    println!("farm-agent: [{:.2} s] machine ready", at());
+    setup
 }
 
 fn check() -> i32 {
@@ -128,14 +285,7 @@ async fn register_machine(gateway: &str) -> i32 {
     }
 }
 
-async fn pipeline(args: &Args, text: &str) -> i32 {
-    let mut cfg = match cmdline::parse(text) {
-        Ok(c) => c,
-        Err(e) => {
-            println!("farm-agent: kernel command line: {e}");
-            return finish(args, &cmdline::B2cConfig::default(), 1, false).await;
-        }
-    };
+async fn pipeline(args: &Args, mut cfg: cmdline::B2cConfig, _setup: &Setup) -> End {
     if let Some(url) = cfg.extra_args_url.clone() {
         let fetched = async {
             let r = reqwest::get(&url).await.map_err(|e| e.to_string())?;
@@ -149,7 +299,7 @@ async fn pipeline(args: &Args, text: &str) -> i32 {
             Ok(()) => {}
             Err(e) => {
                 println!("farm-agent: b2c.extra_args_url {url}: {e}");
-                return finish(args, &cfg, 1, false).await;
+                return finish(&cfg, 1, false);
             }
         }
     }
@@ -166,24 +316,13 @@ async fn pipeline(args: &Args, text: &str) -> i32 {
     }
     let result = agent::run_b2c(&cfg, &env).await;
     let reboot = result.shutdown == run::ShutdownMode::Reboot;
-    finish(args, &cfg, result.status, reboot).await
+    finish(&cfg, result.status, reboot)
 }
 
-async fn finish(args: &Args, cfg: &cmdline::B2cConfig, status: i32, reboot: bool) -> i32 {
+/// The final lines of boot2container, and how the machine goes down.
+fn finish(cfg: &cmdline::B2cConfig, status: i32, reboot: bool) -> End {
     for line in run::final_lines(status) {
         println!("{line}");
     }
-    if !args.no_poweroff {
-        tokio::time::sleep(cfg.poweroff_delay).await;
-        let cmd = if reboot {
-            &cfg.reboot_cmd
-        } else {
-            &cfg.shutdown_cmd
-        };
-        let _ = tokio::process::Command::new("sh")
-            .args(["-c", cmd])
-            .status()
-            .await;
-    }
-    status
+    End::new(cfg, status, reboot)
 }

@@ -31,6 +31,10 @@ struct Args {
     /// /usr/bin/crun); repeatable.
     #[arg(long = "binary", value_name = "PATH")]
     binaries: Vec<PathBuf>,
+    /// Program to boot as `/init` instead of the shell init (e.g. farm-agent), included
+    /// at its path with its libraries.
+    #[arg(long, value_name = "PATH")]
+    init: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
     opts.busybox = args.busybox;
     opts.extra_modules = args.modules;
     opts.extra_binaries = args.binaries;
+    opts.init = args.init;
     match build(&opts) {
         Ok(summary) => {
             println!("{summary}; {:.2} s", started.elapsed().as_secs_f64());

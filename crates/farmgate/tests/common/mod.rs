@@ -206,6 +206,31 @@ pub fn farm_agent_exe() -> PathBuf {
     p
 }
 
+/// `farmgate image build` into `dir` (the gateway's BOOTS_TFTP_ROOT) with the
+/// workspace's farm-agent, for machines that reach the gateway at `gateway`.
+pub fn publish_agent_image(dir: &Path, gateway: &str) {
+    let out = Command::new(farmgate_exe())
+        .args(["image", "build", "--out"])
+        .arg(dir)
+        .args([
+            "--gateway-url",
+            gateway,
+            "--append",
+            "console=ttyS0 panic=-1",
+        ])
+        .arg("--agent")
+        .arg(farm_agent_exe())
+        .env_remove("FARM_NAME")
+        .output()
+        .expect("farmgate image build runs");
+    assert!(
+        out.status.success(),
+        "farmgate image build failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn build_initramfs(dir: &Path) {
     build_initramfs_with(dir, &[]);
 }
@@ -282,12 +307,16 @@ impl Gateway {
         let registry_port = free_port();
         let private_net = opts.private_net.then(PrivateNet::create);
         if opts.qemu_ports > 0 {
-            let extra = if opts.qemu_agent {
-                vec![farm_agent_exe(), PathBuf::from("/usr/bin/crun")]
+            if opts.qemu_agent {
+                // The image users build: farm-agent as /init, published where the
+                // gateway's default boot configuration finds it.
+                publish_agent_image(
+                    &dir.path().join("tftp"),
+                    &format!("http://10.42.0.1:{api_port}"),
+                );
             } else {
-                vec![]
-            };
-            build_initramfs_with(&dir.path().join("tftp"), &extra);
+                build_initramfs(&dir.path().join("tftp"));
+            }
             let mut config = BTreeMap::new();
             let mut set = |k: &str, v: String| {
                 config.insert(k.to_string(), serde_yaml_ng::Value::String(v));
@@ -377,6 +406,7 @@ impl Gateway {
             ),
             ("FARMGATE_LOG".into(), "info,farmgate=debug".into()),
             ("BOOTS_TFTP_PORT".into(), tftp_port.to_string()),
+            ("FARMGATE_NTP_PORT".into(), free_udp_port().to_string()),
             (
                 "BOOTS_TFTP_ROOT".into(),
                 dir.path().join("tftp").display().to_string(),
@@ -397,18 +427,15 @@ impl Gateway {
                 ),
                 (
                     "BOOTS_DEFAULT_CMDLINE",
-                    if opts.qemu_agent {
-                        format!(
-                            "console=ttyS0 panic=-1 farmgate.net farmgate.run=\"{} --no-poweroff\" farmgate.agent=register farmgate.gateway={base}",
-                            farm_agent_exe().display()
-                        )
-                    } else {
-                        format!("console=ttyS0 panic=-1 farmgate.register={base}")
-                    },
+                    format!("console=ttyS0 panic=-1 farmgate.register={base}"),
                 ),
             ] {
                 env.retain(|(ek, _)| ek != k);
                 env.push((k.into(), v));
+            }
+            if opts.qemu_agent {
+                // No BOOTS_DEFAULT_*: the published image is the default.
+                env.retain(|(ek, _)| !ek.starts_with("BOOTS_DEFAULT_"));
             }
         }
         if private_net.is_some() {
@@ -416,6 +443,7 @@ impl Gateway {
                 ("EXECUTOR_HOST", "0.0.0.0".to_string()),
                 ("PRIVATE_INTERFACE", "private".to_string()),
                 ("BOOTS_TFTP_PORT", "69".to_string()),
+                ("FARMGATE_NTP_PORT", "123".to_string()),
             ] {
                 env.retain(|(ek, _)| ek != k);
                 env.push((k.into(), v));

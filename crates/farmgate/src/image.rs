@@ -1,0 +1,238 @@
+//! `farmgate image build`: the DUT image the gateway boots by default, built from host
+//! packages and published where the gateway's default boot configuration finds it.
+//!
+//! The image is the kernel of the host (`linux-image-*`), and an initramfs holding
+//! `farm-agent` as `/init`, crun with its libraries, busybox (a shell for commands such as
+//! `b2c.shutdown_cmd`), the tools of the cache partition when the host has them, and the
+//! kernel modules of common network and disk controllers with their dependencies. It is
+//! written to `BOOTS_TFTP_ROOT` as `default_<arch>_kernel`, `default_<arch>_initrd` and
+//! `default_<arch>_cmdline`, which the gateway serves at `<EXECUTOR_URL>/boot/` and uses
+//! for unknown machines whenever no `BOOTS_DEFAULT_*` variable says otherwise.
+
+use std::path::{Path, PathBuf};
+
+use farmgate_executor::config::built_image_files;
+
+/// Modules of the image besides the initramfs builder's defaults: common wired NICs,
+/// disk controllers and the cache partition's file system.
+pub const IMAGE_MODULES: &[&str] = &[
+    "e1000e",
+    "igb",
+    "r8169",
+    "virtio_blk",
+    "virtio_scsi",
+    "sd_mod",
+    "ahci",
+    "nvme",
+    "ext4",
+];
+
+/// Programs of the cache partition (`b2c.cache_device`, `b2c.swap`), included when the
+/// host has them.
+pub const CACHE_TOOLS: &[&str] = &["mkfs.ext4", "sfdisk", "partx", "mkswap", "swapon"];
+
+/// What `farmgate image build` was asked.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BuildArgs {
+    /// Where to publish [default: BOOTS_TFTP_ROOT of the gateway's environment].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// The gateway's URL written in the registration command line [default:
+    /// EXECUTOR_URL of the gateway's environment].
+    #[arg(long, value_name = "URL")]
+    pub gateway_url: Option<String>,
+    /// Kernel image [default: the newest /boot/vmlinuz-*].
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// The agent binary [default: farm-agent beside this farmgate binary].
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
+    /// The crun binary.
+    #[arg(long, value_name = "PATH", default_value = "/usr/bin/crun")]
+    pub crun: PathBuf,
+    /// Static busybox.
+    #[arg(long, value_name = "PATH", default_value = "/bin/busybox")]
+    pub busybox: PathBuf,
+    /// More kernel modules (with their dependencies); repeatable.
+    #[arg(long = "module", value_name = "NAME")]
+    pub modules: Vec<String>,
+    /// More programs (with their libraries); repeatable.
+    #[arg(long = "binary", value_name = "PATH")]
+    pub binaries: Vec<PathBuf>,
+    /// Words added to the default kernel command line (e.g. `console=ttyS0`).
+    #[arg(long, value_name = "TEXT")]
+    pub append: Option<String>,
+}
+
+/// What was published.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// `default_<arch>_kernel`.
+    pub kernel: PathBuf,
+    /// `default_<arch>_initrd`.
+    pub initrd: PathBuf,
+    /// `default_<arch>_cmdline`.
+    pub cmdline_file: PathBuf,
+    /// The command line written.
+    pub cmdline: String,
+    /// The builder's own summary.
+    pub summary: String,
+}
+
+/// The default command line of the image: registration with the gateway at `gateway`.
+pub fn default_cmdline(gateway: &str, append: Option<&str>) -> String {
+    let mut c = format!(
+        "farmgate.agent=register farmgate.gateway={} b2c.ntp_peer=ci-gateway b2c.cache_device=none loglevel=6",
+        gateway.trim_end_matches('/')
+    );
+    if let Some(a) = append.map(str::trim).filter(|a| !a.is_empty()) {
+        c.push(' ');
+        c.push_str(a);
+    }
+    c
+}
+
+fn sibling_agent() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let p = exe.with_file_name("farm-agent");
+    p.is_file().then_some(p)
+}
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// Builds the image and publishes it (see the module documentation).
+pub fn build(
+    args: &BuildArgs,
+    config: Option<&farmgate_executor::GatewayConfig>,
+) -> anyhow::Result<Published> {
+    let out = match (&args.out, config) {
+        (Some(o), _) => o.clone(),
+        (None, Some(c)) => c.boots_tftp_root.clone(),
+        (None, None) => anyhow::bail!(
+            "no --out and no gateway configuration to take BOOTS_TFTP_ROOT from (set FARM_NAME and the gateway's variables, or give --out DIR)"
+        ),
+    };
+    let gateway = match (&args.gateway_url, config) {
+        (Some(g), _) => g.clone(),
+        (None, Some(c)) => c.executor_url.clone(),
+        (None, None) => {
+            anyhow::bail!("no --gateway-url and no gateway configuration to take EXECUTOR_URL from")
+        }
+    };
+    if !gateway.starts_with("http://") && !gateway.starts_with("https://") {
+        anyhow::bail!("gateway URL {gateway:?}: expected http://host:port");
+    }
+    let agent = match &args.agent {
+        Some(a) => a.clone(),
+        None => sibling_agent().ok_or_else(|| {
+            anyhow::anyhow!(
+                "farm-agent not found beside this binary: build it (cargo build --release -p farmgate-agent) or give --agent PATH"
+            )
+        })?,
+    };
+    let agent = std::fs::canonicalize(&agent)
+        .map_err(|e| anyhow::anyhow!("agent {}: {e}", agent.display()))?;
+    if !args.crun.is_file() {
+        anyhow::bail!(
+            "crun {}: no such file (install Debian's crun, or give --crun PATH)",
+            args.crun.display()
+        );
+    }
+    std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    let work = tempfile::Builder::new()
+        .prefix(".image-build.")
+        .tempdir_in(&out)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+
+    let mut opts = farmgate_initramfs::BuildOptions::new(work.path());
+    opts.kernel = args.kernel.clone();
+    opts.busybox = args.busybox.clone();
+    opts.extra_modules = IMAGE_MODULES.iter().map(|s| s.to_string()).collect();
+    opts.extra_modules.extend(args.modules.iter().cloned());
+    opts.extra_binaries = vec![args.crun.clone()];
+    opts.extra_binaries
+        .extend(CACHE_TOOLS.iter().filter_map(|t| find_program(t)));
+    opts.extra_binaries.extend(args.binaries.iter().cloned());
+    opts.init = Some(agent);
+    let summary = farmgate_initramfs::build(&opts)?;
+
+    let arch = std::env::consts::ARCH;
+    let [kernel_name, initrd_name, cmdline_name] = built_image_files(arch);
+    let (kernel, initrd, cmdline_file) = (
+        out.join(kernel_name),
+        out.join(initrd_name),
+        out.join(cmdline_name),
+    );
+    let cmdline = default_cmdline(&gateway, args.append.as_deref());
+    // Each file replaced atomically; the kernel last, as it is what makes the gateway
+    // use the image.
+    std::fs::rename(&summary.initramfs, &initrd)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", initrd.display()))?;
+    farmgate_initramfs::write_atomic(&cmdline_file, format!("{cmdline}\n").as_bytes())?;
+    std::fs::rename(&summary.vmlinuz, &kernel)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", kernel.display()))?;
+    Ok(Published {
+        kernel,
+        initrd,
+        cmdline_file,
+        cmdline,
+        summary: summary.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_command_line_registers_with_the_gateway() {
+        assert_eq!(
+            default_cmdline("http://10.42.0.1:8000/", Some(" console=ttyS0 ")),
+            "farmgate.agent=register farmgate.gateway=http://10.42.0.1:8000 b2c.ntp_peer=ci-gateway b2c.cache_device=none loglevel=6 console=ttyS0"
+        );
+        assert!(!default_cmdline("http://g", None).ends_with(' '));
+    }
+
+    #[test]
+    fn missing_inputs_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let args = BuildArgs {
+            out: Some(d.path().to_path_buf()),
+            gateway_url: Some("http://g:8000".into()),
+            kernel: None,
+            agent: Some(d.path().join("no-agent")),
+            crun: PathBuf::from("/usr/bin/crun"),
+            busybox: PathBuf::from("/bin/busybox"),
+            modules: vec![],
+            binaries: vec![],
+            append: None,
+        };
+        let e = build(&args, None).unwrap_err().to_string();
+        assert!(e.contains("no-agent"), "{e}");
+        let e = build(
+            &BuildArgs {
+                out: None,
+                ..args.clone()
+            },
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--out"), "{e}");
+        let e = build(
+            &BuildArgs {
+                gateway_url: Some("g:8000".into()),
+                ..args
+            },
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("http://"), "{e}");
+    }
+}
