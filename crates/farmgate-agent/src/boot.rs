@@ -259,6 +259,9 @@ pub fn power_off(action: PowerAction, command: &str) -> String {
             Err(e) => println!("farm-agent: cannot run {command:?}: {e}; asking the kernel"),
         }
     }
+    for p in release_storage() {
+        println!("farm-agent: {p}");
+    }
     nix::unistd::sync();
     let mode = match action {
         PowerAction::PowerOff => nix::sys::reboot::RebootMode::RB_POWER_OFF,
@@ -268,6 +271,52 @@ pub fn power_off(action: PowerAction, command: &str) -> String {
         Ok(never) => match never {},
         Err(e) => format!("reboot(2) failed: {e}"),
     }
+}
+
+/// Before the power goes: swap files off and the file systems mounted by the set-up
+/// (the cache at `/storage`, `b2c.filesystem`s) unmounted, deepest first, so the next
+/// boot finds a clean file system. Returns one message per step that failed.
+pub fn release_storage() -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Ok(swaps) = std::fs::read_to_string("/proc/swaps") {
+        for path in swaps
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next())
+        {
+            let swapoff = ["/sbin/swapoff", "/usr/sbin/swapoff", "/bin/busybox"]
+                .into_iter()
+                .find(|p| Path::new(p).is_file());
+            let Some(prog) = swapoff else {
+                problems.push(format!("swap {path}: no swapoff program in the image"));
+                continue;
+            };
+            let mut cmd = std::process::Command::new(prog);
+            if prog.ends_with("busybox") {
+                cmd.arg("swapoff");
+            }
+            match cmd.arg(path).output() {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => problems.push(format!(
+                    "swapoff {path}: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )),
+                Err(e) => problems.push(format!("swapoff {path}: {e}")),
+            }
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut ours: Vec<String> = mount_points(&mounts)
+        .into_iter()
+        .filter(|m| m == "/storage" || m.starts_with("/storage/") || m.starts_with("/mnt/"))
+        .collect();
+    ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in ours {
+        if let Err(e) = nix::mount::umount(m.as_str()) {
+            problems.push(format!("unmounting {m}: {e}"));
+        }
+    }
+    problems
 }
 
 #[cfg(test)]

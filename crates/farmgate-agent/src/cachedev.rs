@@ -295,6 +295,16 @@ impl SwapOutcome {
     }
 }
 
+/// What a failed mount's error number usually means on a DUT.
+fn mount_hint(errno: nix::errno::Errno) -> &'static str {
+    match errno {
+        nix::errno::Errno::ENOENT | nix::errno::Errno::ENODEV => {
+            " (the kernel may lack the file system's driver or a module it needs, e.g. crc32c for ext4: see the kernel's messages)"
+        }
+        _ => "",
+    }
+}
+
 /// Why the cache could not be prepared; every error names the device and the step.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -371,7 +381,7 @@ pub enum CacheError {
         waited: Duration,
     },
     /// mount(2) failed.
-    #[error("cache: {}: mounting it ({fs_type}) on {} failed: {errno}", device.display(), mount_point.display())]
+    #[error("cache: {}: mounting it ({fs_type}) on {} failed: {errno}{}", device.display(), mount_point.display(), mount_hint(*errno))]
     Mount {
         /// The device or source.
         device: PathBuf,

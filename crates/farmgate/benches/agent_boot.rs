@@ -14,7 +14,8 @@
 //! from spawning QEMU to the line `FIRST-2` on its serial console (computed on the
 //! machine, so the kernel's own command line cannot match it).
 //!
-//! `cargo build --release --workspace --bins && cargo bench -p farmgate --bench agent_boot`;
+//! `cargo build --profile agent -p farmgate-agent && cargo build --release --workspace --bins
+//! && cargo bench -p farmgate --bench agent_boot`;
 //! `FARMGATE_BENCH_ROUNDS` (default 5) rounds per variant after one untimed warm-up each;
 //! `FARMGATE_BENCH_CONSOLE=1` prints each machine's console up to the marker.
 
@@ -50,19 +51,27 @@ fn initramfs(dir: &Path, binaries: &[&Path]) -> anyhow::Result<()> {
 
 /// `farmgate image build --out dir` with the workspace's farm-agent.
 fn agent_image(dir: &Path) -> anyhow::Result<()> {
-    let out = Command::new(farmgate_exe())
-        .args([
-            "image",
-            "build",
-            "--gateway-url",
-            "http://10.0.2.2:1",
-            "--out",
-        ])
-        .arg(dir)
-        .arg("--agent")
-        .arg(farm_agent_exe())
-        .env_remove("FARM_NAME")
-        .output()?;
+    let mut cmd = Command::new(farmgate_exe());
+    cmd.args([
+        "image",
+        "build",
+        "--gateway-url",
+        "http://10.0.2.2:1",
+        "--out",
+    ])
+    .arg(dir)
+    .env_remove("FARM_NAME");
+    // The agent of the `agent` profile when built (what users put in their image),
+    // else the one beside farmgate.
+    let small = farmgate_exe()
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|t| t.join("agent/farm-agent"));
+    match small.filter(|p| p.is_file()) {
+        Some(p) => cmd.arg("--agent").arg(p),
+        None => cmd.arg("--agent").arg(farm_agent_exe()),
+    };
+    let out = cmd.output()?;
     anyhow::ensure!(
         out.status.success(),
         "farmgate image build: {}",

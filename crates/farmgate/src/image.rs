@@ -25,6 +25,9 @@ pub const IMAGE_MODULES: &[&str] = &[
     "ahci",
     "nvme",
     "ext4",
+    // ext4's soft dependency (`modinfo ext4`: `softdep: pre: crypto-crc32c`): without
+    // it the kernel cannot mount ext4 and there is no modprobe in the image to ask.
+    "crc32c_generic",
 ];
 
 /// Programs of the cache partition (`b2c.cache_device`, `b2c.swap`), included when the
@@ -44,7 +47,8 @@ pub struct BuildArgs {
     /// Kernel image [default: the newest /boot/vmlinuz-*].
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
-    /// The agent binary [default: farm-agent beside this farmgate binary].
+    /// The agent binary [default: farm-agent beside this farmgate binary, or of the
+    /// `agent` profile (`cargo build --profile agent -p farmgate-agent`), the newer].
     #[arg(long, value_name = "PATH")]
     pub agent: Option<PathBuf>,
     /// The crun binary.
@@ -92,10 +96,23 @@ pub fn default_cmdline(gateway: &str, append: Option<&str>) -> String {
     c
 }
 
+/// The agent of this build: `farm-agent` beside this binary, or the one of the `agent`
+/// profile (`target/agent/farm-agent`, small) beside its directory; the newer of the two.
 fn sibling_agent() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
-    let p = exe.with_file_name("farm-agent");
-    p.is_file().then_some(p)
+    let dir = exe.parent()?;
+    let candidates = [
+        dir.join("farm-agent"),
+        dir.parent()?.join("agent").join("farm-agent"),
+    ];
+    candidates
+        .into_iter()
+        .filter_map(|p| {
+            let modified = std::fs::metadata(&p).and_then(|m| m.modified()).ok()?;
+            Some((modified, p))
+        })
+        .max_by_key(|(modified, _)| *modified)
+        .map(|(_, p)| p)
 }
 
 fn find_program(name: &str) -> Option<PathBuf> {
@@ -131,7 +148,7 @@ pub fn build(
         Some(a) => a.clone(),
         None => sibling_agent().ok_or_else(|| {
             anyhow::anyhow!(
-                "farm-agent not found beside this binary: build it (cargo build --release -p farmgate-agent) or give --agent PATH"
+                "farm-agent not found beside this binary: build it (cargo build --profile agent -p farmgate-agent) or give --agent PATH"
             )
         })?,
     };

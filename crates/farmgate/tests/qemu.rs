@@ -467,3 +467,144 @@ deployment:
     );
     gw.stop().await;
 }
+
+/// The sum of the gateway's registry blob request counters (hits, misses, coalesced).
+async fn registry_blob_requests(gw: &Gateway) -> f64 {
+    let text = gw.get_text("/metrics").await;
+    let counts: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("farmgate_registry_requests_total{object=\"blob\""))
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("bad metrics line {l:?}"))
+        })
+        .collect();
+    assert_eq!(counts.len(), 3, "blob counters in:\n{text}");
+    counts.iter().sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_cache_partition_is_made_once_and_reused_by_the_next_job() {
+    let up = upstream_with_busybox_image().await;
+    let opts = GatewayOptions {
+        qemu_agent: true,
+        qemu_disk_size: Some("256M".into()),
+        ..GatewayOptions::default()
+    }
+    .qemu_dut(0, &["qemu"], true)
+    .env(
+        "FARMGATE_REGISTRY_UPSTREAMS",
+        &format!("local=http://127.0.0.1:{}", up.port),
+    );
+    let gw = Gateway::start(opts).await;
+    let image = format!("docker://10.42.0.1:{}/local/test/box:v1", gw.registry_port);
+    let job = |name: &str, word: &str| {
+        gw.write_job(
+            name,
+            &format!(
+                r#"version: 1
+target:
+  tags: [qemu]
+timeouts:
+  boot_cycle:
+    minutes: 5
+console_patterns:
+  session_end:
+    regex: "reboot: Power down"
+  job_success:
+    regex: "Execution is over, pipeline status: 0"
+deployment:
+  start:
+    kernel:
+      url: "{{{{ job.http.url }}}}/boot/default_x86_64_kernel"
+      cmdline: 'console=ttyS0 panic=-1 b2c.cache_device=auto b2c.swap=16M b2c.container="--tls-verify=false {image} sh -c ''echo container {word} done''"'
+    initramfs:
+      - url: "{{{{ job.http.url }}}}/boot/default_x86_64_initrd"
+"#
+            ),
+        )
+    };
+    let cache_line = |out: &str| -> String {
+        let lines: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains("farm-agent: cache:"))
+            .collect();
+        assert_eq!(lines.len(), 1, "one cache line in:\n{out}");
+        lines[0].trim_end().to_string()
+    };
+
+    // Job 1: the disk is blank; the agent partitions and formats it, and makes the swap file.
+    let first = job("cache-1.yml.j2", "one");
+    let r1 = gw.farmctl_run(&["run", path_str(&first)], LIMIT).await;
+    assert_eq!(
+        r1.code,
+        code(JobStatus::Pass),
+        "{}\n{}",
+        r1.all(),
+        gw.logs()
+    );
+    assert!(r1.stdout.contains("container one done"), "{}", r1.all());
+    let line = cache_line(&r1.stdout);
+    assert!(
+        line.ends_with(
+            "farm-agent: cache: /dev/vda1 (B2C_CACHE) mounted at /storage \
+             (new partition on a blank disk, formatted ext4)"
+        ),
+        "{line}\n{}",
+        r1.all()
+    );
+    assert!(
+        r1.stdout.lines().any(|l| l
+            .trim_end()
+            .ends_with("farm-agent: swap: /storage/swapfile (16777216 bytes) in use")),
+        "{}",
+        r1.all()
+    );
+    // The image's blobs came through the gateway's registry cache.
+    let blobs_after_1 = registry_blob_requests(&gw).await;
+    assert!(blobs_after_1 >= 2.0, "config + layer: {blobs_after_1}");
+    gw.wait_state(0, DutState::Idle, LIMIT).await;
+
+    // Job 2, same machine, same disk: the partition is found as it is, not formatted
+    // again, and the image's blobs come from the blob cache on it.
+    let second = job("cache-2.yml.j2", "two");
+    let r2 = gw.farmctl_run(&["run", path_str(&second)], LIMIT).await;
+    assert_eq!(
+        r2.code,
+        code(JobStatus::Pass),
+        "{}\n{}",
+        r2.all(),
+        gw.logs()
+    );
+    assert!(r2.stdout.contains("container two done"), "{}", r2.all());
+    // Job 1 powered off with the cache unmounted: no journal to replay.
+    assert!(
+        !r2.stdout.contains("EXT4-fs (vda1): recovery complete"),
+        "{}",
+        r2.all()
+    );
+    let line = cache_line(&r2.stdout);
+    assert!(
+        line.ends_with("farm-agent: cache: /dev/vda1 (B2C_CACHE) mounted at /storage"),
+        "{line}\n{}",
+        r2.all()
+    );
+    assert!(!line.contains("formatted"), "{line}");
+    assert!(
+        r2.stdout.lines().any(|l| l.trim_end().ends_with(
+            "farm-agent: swap: /storage/swapfile (16777216 bytes, existing file) in use"
+        )),
+        "{}",
+        r2.all()
+    );
+    let blobs_after_2 = registry_blob_requests(&gw).await;
+    assert_eq!(
+        blobs_after_2,
+        blobs_after_1,
+        "job 2 asked the gateway's registry for blobs\n{}",
+        r2.all()
+    );
+    gw.stop().await;
+}

@@ -223,7 +223,7 @@ async fn machine_setup(cfg: &cmdline::B2cConfig, mode: &Mode) -> Setup {
             &env,
         ) {
             Ok(outcome) => println!("{}", outcome.describe()),
-            Err(e) => println!("farm-agent: cache: {e}; images stay in RAM"),
+            Err(e) => println!("farm-agent: {e}; images stay in RAM"),
         }
     }
     println!("farm-agent: [{:.2} s] machine ready", at());

@@ -57,6 +57,9 @@ pub struct GatewayOptions {
     /// The QEMU machines' default boot runs the DUT agent (`farm-agent`, built into
     /// the initramfs) in registration mode instead of the initramfs' shell registration.
     pub qemu_agent: bool,
+    /// `disk_size` of the `QEMU` PDU (e.g. `256M`): each machine gets a virtio disk
+    /// (a qcow2 kept across power cycles); None: no disk.
+    pub qemu_disk_size: Option<String>,
 }
 
 impl Default for GatewayOptions {
@@ -71,6 +74,7 @@ impl Default for GatewayOptions {
             qemu_ports: 0,
             private_net: false,
             qemu_agent: false,
+            qemu_disk_size: None,
         }
     }
 }
@@ -325,6 +329,9 @@ impl Gateway {
             set("console", format!("127.0.0.1:{tcpconsole_port}"));
             set("state_dir", dir.path().join("qemu").display().to_string());
             set("memory", "384".into());
+            if let Some(size) = &opts.qemu_disk_size {
+                set("disk_size", size.clone());
+            }
             if private_net.is_some() {
                 set("network", "tap".into());
                 set("bridge", "private".into());
