@@ -103,22 +103,34 @@ fn safe_name(s: &str) -> String {
     out
 }
 
-/// Pulls the image of `spec` into a fresh root file system under `dir` and runs it.
-async fn run_container(
-    env: &AgentEnv,
-    index: usize,
-    spec: &ContainerSpec,
-    volumes: &BTreeMap<String, PathBuf>,
-    extra_env: Vec<(String, String)>,
-) -> Result<i32, String> {
+/// The image reference of `spec`, for the registries the agent can pull from.
+fn image_of(spec: &ContainerSpec) -> Result<crate::oci::ImageRef, String> {
     if let ImageTransport::Other(t) = &spec.image.transport {
         return Err(format!(
             "image {}: the {t} transport is not supported (use docker:// or a plain reference)",
             spec.image
         ));
     }
-    let image = crate::oci::ImageRef::parse(&spec.image.reference).map_err(|e| e.to_string())?;
-    let name = format!("b2c-{index}-{}", safe_name(&image.repository));
+    crate::oci::ImageRef::parse(&spec.image.reference).map_err(|e| e.to_string())
+}
+
+/// The crun id of a container: `<prefix>-<repository>`.
+fn container_name(prefix: &str, spec: &ContainerSpec) -> Result<String, String> {
+    Ok(format!(
+        "{prefix}-{}",
+        safe_name(&image_of(spec)?.repository)
+    ))
+}
+
+/// Pulls the image of `spec` into a fresh root file system and runs it as `name`.
+async fn run_container(
+    env: &AgentEnv,
+    name: String,
+    spec: &ContainerSpec,
+    volumes: &BTreeMap<String, PathBuf>,
+    extra_env: Vec<(String, String)>,
+) -> Result<i32, String> {
+    let image = image_of(spec)?;
     let dir = env.storage.join("containers").join(&name);
     // A container changes its root file system: every run starts from the image.
     if dir.exists() {
@@ -200,6 +212,7 @@ pub async fn run_b2c(cfg: &B2cConfig, env: &AgentEnv) -> PipelineResult {
         }
     }
     trigger_all(&mut mirrors, Trigger::PipelineStart).await;
+    let services = start_services(cfg, env, &volumes);
     let mut index = 0usize;
     let volumes_ref = &volumes;
     let mirrors_ref = &mut mirrors;
@@ -210,7 +223,10 @@ pub async fn run_b2c(cfg: &B2cConfig, env: &AgentEnv) -> PipelineResult {
         async |spec: &ContainerSpec, extra: Vec<(String, String)>| {
             index += 1;
             trigger_all(mirrors_ref, Trigger::ContainerStart).await;
-            let r = run_container(env, index, spec, volumes_ref, extra).await;
+            let r = match container_name(&format!("b2c-{index}"), spec) {
+                Ok(name) => run_container(env, name, spec, volumes_ref, extra).await,
+                Err(e) => Err(e),
+            };
             if let Err(e) = &r {
                 println!("farm-agent: container {}: {e}", spec.image);
             }
@@ -219,9 +235,84 @@ pub async fn run_b2c(cfg: &B2cConfig, env: &AgentEnv) -> PipelineResult {
         },
     )
     .await;
+    stop_services(services, &env.crun).await;
     trigger_all(&mut mirrors, Trigger::PipelineEnd).await;
     result
 }
+
+/// A `b2c.service` container running in the background.
+struct Service {
+    name: String,
+    image: String,
+    task: tokio::task::JoinHandle<Result<i32, String>>,
+}
+
+/// Starts the `b2c.service` containers, each pulled and run in the background for the
+/// pipeline's duration (their output goes to the console like the others').
+fn start_services(
+    cfg: &B2cConfig,
+    env: &AgentEnv,
+    volumes: &BTreeMap<String, PathBuf>,
+) -> Vec<Service> {
+    let mut out = Vec::new();
+    for (i, spec) in cfg.services.iter().enumerate() {
+        let name = match container_name(&format!("svc-{}", i + 1), spec) {
+            Ok(n) => n,
+            Err(e) => {
+                println!("farm-agent: service {}: {e}", spec.image);
+                continue;
+            }
+        };
+        println!("farm-agent: starting service {} ({name})", spec.image);
+        let (env, spec_c, volumes, task_name) =
+            (env.clone(), spec.clone(), volumes.clone(), name.clone());
+        let task = tokio::spawn(async move {
+            run_container(&env, task_name, &spec_c, &volumes, Vec::new()).await
+        });
+        out.push(Service {
+            name,
+            image: spec.image.to_string(),
+            task,
+        });
+    }
+    out
+}
+
+/// Stops the services: SIGTERM, then SIGKILL after [`SERVICE_STOP_GRACE`].
+async fn stop_services(services: Vec<Service>, crun: &Path) {
+    for mut svc in services {
+        let mut result = None;
+        if svc.task.is_finished() {
+            result = Some((&mut svc.task).await);
+        } else {
+            for signal in ["TERM", "KILL"] {
+                let _ = tokio::process::Command::new(crun)
+                    .args(["kill", svc.name.as_str(), signal])
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .await;
+                if let Ok(r) = tokio::time::timeout(SERVICE_STOP_GRACE, &mut svc.task).await {
+                    result = Some(r);
+                    break;
+                }
+            }
+        }
+        match result {
+            None => {
+                svc.task.abort();
+                println!("farm-agent: service {} did not stop", svc.image);
+            }
+            Some(Ok(Ok(code))) => println!("farm-agent: service {} ended ({code})", svc.image),
+            Some(Ok(Err(e))) => println!("farm-agent: service {}: {e}", svc.image),
+            Some(Err(e)) => println!("farm-agent: service {}: {e}", svc.image),
+        }
+    }
+}
+
+/// How long a service has to stop after SIGTERM (then SIGKILL) at the pipeline's end.
+pub const SERVICE_STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Mounts the cgroup2 hierarchy crun needs when nothing is mounted on `/sys/fs/cgroup`
 /// (a DUT's initramfs); a host that has its cgroups is left alone.

@@ -1045,7 +1045,9 @@ pub fn parse_size(value: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("{num:?} is not a number of bytes"))?;
     let unit_up = unit.to_ascii_uppercase();
-    let (letter, rest) = unit_up.split_at(unit_up.len().min(1));
+    // The first character, not the first byte: the unit may be any text.
+    let first_len = unit_up.chars().next().map_or(0, char::len_utf8);
+    let (letter, rest) = unit_up.split_at(first_len);
     let power = match letter {
         "" => 0,
         "K" => 1,
@@ -1625,6 +1627,8 @@ mod tests {
             "4X",
             "4GX",
             "-1G",
+            "1é",
+            "4Gé",
             "1.5G",
             "4 G",
             "99999999999999999999",

@@ -53,7 +53,8 @@
 //!
 //! Not done: seccomp (podman's default profile is not applied; boot2container runs
 //! everything `--privileged`, which disables it anyway), AppArmor/SELinux, cgroup
-//! limits and `linux.cgroupsPath` (crun picks its default), user namespaces, copying
+//! limits (each container gets its own cgroup, `/farm-agent-<agent pid>-<name>`), user
+//! namespaces, copying
 //! image content into empty named volumes, `/run/.containerenv`, `--init`, exit codes
 //! 125–127 for runtime errors (crun's own failures show up as exit code 1, with crun's
 //! message on the console). On an initramfs root (`rootfs` file system, where
@@ -276,10 +277,23 @@ pub async fn run(req: &RunRequest<'_>, crun: &Path) -> Result<i32, RunError> {
         });
     }
     let facts = HostFacts::current();
-    let prepared = config::prepare(req, &facts).map_err(|why| RunError::Config {
+    let mut prepared = config::prepare(req, &facts).map_err(|why| RunError::Config {
         container: name.to_owned(),
         why,
     })?;
+    // crun's default cgroup is named after the container alone: two agents on one host
+    // (tests, or an agent under another init) would share it, and deleting one
+    // container would kill the other's processes.
+    if let Some(linux) = prepared
+        .config
+        .get_mut("linux")
+        .and_then(|l| l.as_object_mut())
+    {
+        linux.insert(
+            "cgroupsPath".to_owned(),
+            serde_json::Value::String(format!("/farm-agent-{}-{name}", std::process::id())),
+        );
+    }
     for w in &prepared.warnings {
         tracing::warn!(container = name, "{w}");
     }

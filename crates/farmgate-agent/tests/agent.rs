@@ -111,6 +111,48 @@ async fn a_pipeline_pulls_runs_and_reports_like_boot2container() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_runs_beside_the_pipeline_and_is_stopped_at_its_end() {
+    if !is_root() {
+        eprintln!("skipped: crun needs root (CI runs as root)");
+        return;
+    }
+    let reg = DockerRegistry::start().await;
+    reg.push_image("test/box", "v1", &busybox_image()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let crun = crun_wrapper(dir.path());
+    let storage = dir.path().join("storage");
+    let image = format!("docker://127.0.0.1:{}/test/box:v1", reg.port);
+    // The service counts heartbeats into the shared volume; the pipeline's container
+    // waits until it sees some, so it only passes if the service runs beside it.
+    let cmdline = format!(
+        "b2c.service=\"--tls-verify=false -v job:/job {image} sh -c 'i=0; while true; do i=$((i+1)); echo $i > /job/beat; busybox sleep 0.1; done'\" \
+         b2c.container=\"--tls-verify=false -v job:/job {image} sh -c 'n=0; while [ ! -s /job/beat ] && [ $n -lt 300 ]; do busybox sleep 0.1; n=$((n+1)); done; busybox sleep 0.5; echo beats=$(cat /job/beat)'\""
+    );
+    let (code, out) = agent(&cmdline, &storage, &crun);
+    assert_eq!(code, 0, "{out}");
+    let beats: u64 = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("beats="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no beats line: {out}"));
+    assert!(beats >= 2, "{out}");
+    assert!(out.contains("farm-agent: starting service"), "{out}");
+    assert!(
+        out.contains("Execution is over, pipeline status: 0"),
+        "{out}"
+    );
+    // Stopped when the pipeline ended: the count no longer moves.
+    let beat = storage.join("volumes/job/beat");
+    let first = std::fs::read_to_string(&beat).expect("beat");
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(
+        std::fs::read_to_string(&beat).expect("beat"),
+        first,
+        "{out}"
+    );
+}
+
 #[test]
 fn check_mode_and_bad_modes() {
     let dir = tempfile::tempdir().expect("tempdir");

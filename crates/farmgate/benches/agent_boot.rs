@@ -135,7 +135,10 @@ fn boot(kernel: &Path, initrd: &Path, append: &str) -> anyhow::Result<f64> {
         })
     };
     let result = loop {
-        if let Some(t) = *seen.lock().unwrap_or_else(|e| e.into_inner()) {
+        // Copied out: the reader takes `out` then `seen`, this loop must not hold `seen`
+        // while it takes `out`.
+        let seen_at = *seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = seen_at {
             if std::env::var_os("FARMGATE_BENCH_CONSOLE").is_some() {
                 // What the machine printed, for the phases' timestamps.
                 std::thread::sleep(Duration::from_millis(200));

@@ -384,9 +384,14 @@ impl Client {
                 desc.size
             )));
         }
+        // Unique per download: two pulls of the same blob (a service and a container of
+        // the same image, started together) each write their own file; the first rename
+        // wins and the second replaces it with the same bytes.
+        static DOWNLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = DOWNLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let partial = store
             .dir
-            .join(format!("{hex}.partial-{}", std::process::id()));
+            .join(format!("{hex}.partial-{}-{n}", std::process::id()));
         let local = |what: &str, e: std::io::Error| OciError::Local {
             image: name.clone(),
             what: format!("{what} {}", partial.display()),

@@ -548,14 +548,20 @@ pub fn is_root() -> bool {
 pub fn crun_wrapper(dir: &Path) -> PathBuf {
     use std::os::unix::fs::PermissionsExt as _;
     let crun = dir.join("crun-wrapper");
+    // Each test its own crun state directory: tests run at the same time and their
+    // containers have the same names (as on a DUT, where one agent runs).
+    let root = dir.join("crun-root");
     std::fs::write(
         &crun,
-        "#!/bin/sh\n\
-         if grep -q ' /sys/fs/cgroup/unified cgroup2 ' /proc/self/mounts && \
-         [ -n \"$(cat /sys/fs/cgroup/unified/cgroup.controllers 2>/dev/null)\" ]; then\n\
-         exec unshare -m sh -c 'umount -l /sys/fs/cgroup/unified && exec /usr/bin/crun \"$@\"' crun \"$@\"\n\
-         fi\n\
-         exec /usr/bin/crun \"$@\"\n",
+        format!(
+            "#!/bin/sh\n\
+             if grep -q ' /sys/fs/cgroup/unified cgroup2 ' /proc/self/mounts && \
+             [ -n \"$(cat /sys/fs/cgroup/unified/cgroup.controllers 2>/dev/null)\" ]; then\n\
+             exec unshare -m sh -c 'umount -l /sys/fs/cgroup/unified && exec /usr/bin/crun --root {root} \"$@\"' crun \"$@\"\n\
+             fi\n\
+             exec /usr/bin/crun --root {root} \"$@\"\n",
+            root = root.display()
+        ),
     )
     .expect("writing the crun wrapper");
     std::fs::set_permissions(&crun, std::fs::Permissions::from_mode(0o755))
