@@ -49,11 +49,20 @@ fn agent(cmdline: &str, storage: &Path, crun: &Path) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pipeline_pulls_runs_and_reports_like_boot2container() {
+/// A registry holding `test/box:v1` (busybox), a crun of the test's own, a storage
+/// directory; `None` (the test is skipped) when not root, as crun needs.
+struct Setup {
+    reg: DockerRegistry,
+    dir: tempfile::TempDir,
+    crun: std::path::PathBuf,
+    storage: std::path::PathBuf,
+    image: String,
+}
+
+async fn setup() -> Option<Setup> {
     if !is_root() {
         eprintln!("skipped: crun needs root (CI runs as root)");
-        return;
+        return None;
     }
     let reg = DockerRegistry::start().await;
     reg.push_image("test/box", "v1", &busybox_image()).await;
@@ -61,6 +70,27 @@ async fn a_pipeline_pulls_runs_and_reports_like_boot2container() {
     let crun = crun_wrapper(dir.path());
     let storage = dir.path().join("storage");
     let image = format!("docker://127.0.0.1:{}/test/box:v1", reg.port);
+    Some(Setup {
+        reg,
+        dir,
+        crun,
+        storage,
+        image,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_pulls_runs_and_reports_like_boot2container() {
+    let Some(Setup {
+        reg,
+        dir: _dir,
+        crun,
+        storage,
+        image,
+    }) = setup().await
+    else {
+        return;
+    };
     // Two containers share the job volume; the second reads what the first wrote.
     let cmdline = format!(
         "console=ttyS0 b2c.container=\"--tls-verify=false -v job:/job {image} sh -c 'echo from the first > /job/out.txt'\" \
@@ -113,16 +143,16 @@ async fn a_pipeline_pulls_runs_and_reports_like_boot2container() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_runs_beside_the_pipeline_and_is_stopped_at_its_end() {
-    if !is_root() {
-        eprintln!("skipped: crun needs root (CI runs as root)");
+    let Some(Setup {
+        reg: _reg,
+        dir: _dir,
+        crun,
+        storage,
+        image,
+    }) = setup().await
+    else {
         return;
-    }
-    let reg = DockerRegistry::start().await;
-    reg.push_image("test/box", "v1", &busybox_image()).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let crun = crun_wrapper(dir.path());
-    let storage = dir.path().join("storage");
-    let image = format!("docker://127.0.0.1:{}/test/box:v1", reg.port);
+    };
     // The service counts heartbeats into the shared volume; the pipeline's container
     // waits until it sees some, so it only passes if the service runs beside it.
     let cmdline = format!(

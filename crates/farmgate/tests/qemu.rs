@@ -367,11 +367,15 @@ async fn discover_qemu_port_until_idle(gw: &Gateway, port: u32) -> farmgate_wire
     view
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qemu_job_container_through_the_registry_cache_writes_into_the_share_directory() {
+/// A gateway whose QEMU machine on port 0 (tag `qemu`) boots the published agent image,
+/// with a registry upstream holding `test/box:v1` (busybox); `disk_size` gives the
+/// machine a disk. Returns the gateway, the upstream (kept alive) and the image as the
+/// machine names it (through the gateway's registry cache).
+async fn agent_gateway(disk_size: Option<&str>) -> (Gateway, Upstream, String) {
     let up = upstream_with_busybox_image().await;
     let opts = GatewayOptions {
         qemu_agent: true,
+        qemu_disk_size: disk_size.map(str::to_string),
         ..GatewayOptions::default()
     }
     .qemu_dut(0, &["qemu"], true)
@@ -381,10 +385,15 @@ async fn qemu_job_container_through_the_registry_cache_writes_into_the_share_dir
     );
     let gw = Gateway::start(opts).await;
     let image = format!("docker://10.42.0.1:{}/local/test/box:v1", gw.registry_port);
-    let b2c_job = |name: &str, container: &str| {
-        gw.write_job(
-            name,
-            &format!(
+    (gw, up, image)
+}
+
+/// A job booting the published agent image with `b2c` options, passing when the
+/// pipeline's status is 0.
+fn b2c_job(gw: &Gateway, name: &str, b2c: &str) -> std::path::PathBuf {
+    gw.write_job(
+        name,
+        &format!(
             r#"version: 1
 target:
   tags: [qemu]
@@ -400,10 +409,23 @@ deployment:
   start:
     kernel:
       url: "{{{{ job.http.url }}}}/boot/default_x86_64_kernel"
-      cmdline: 'console=ttyS0 panic=-1 b2c.minio="job,{{{{ minio_url }}}},{{{{ job_bucket_access_key }}}},{{{{ job_bucket_secret_key }}}}" b2c.volume="job,mirror=job/{{{{ job_bucket }}}},pull_on=pipeline_start,push_on=container_end" b2c.container="--tls-verify=false -v job:/job {image} {container}"'
+      cmdline: 'console=ttyS0 panic=-1 {b2c}'
     initramfs:
       - url: "{{{{ job.http.url }}}}/boot/default_x86_64_initrd"
 "#
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_job_container_through_the_registry_cache_writes_into_the_share_directory() {
+    let (gw, _up, image) = agent_gateway(None).await;
+    let b2c_job = |name: &str, container: &str| {
+        b2c_job(
+            &gw,
+            name,
+            &format!(
+                "b2c.minio=\"job,{{{{ minio_url }}}},{{{{ job_bucket_access_key }}}},{{{{ job_bucket_secret_key }}}}\" b2c.volume=\"job,mirror=job/{{{{ job_bucket }}}},pull_on=pipeline_start,push_on=container_end\" b2c.container=\"--tls-verify=false -v job:/job {image} {container}\""
             ),
         )
     };
@@ -487,42 +509,13 @@ async fn registry_blob_requests(gw: &Gateway) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_cache_partition_is_made_once_and_reused_by_the_next_job() {
-    let up = upstream_with_busybox_image().await;
-    let opts = GatewayOptions {
-        qemu_agent: true,
-        qemu_disk_size: Some("256M".into()),
-        ..GatewayOptions::default()
-    }
-    .qemu_dut(0, &["qemu"], true)
-    .env(
-        "FARMGATE_REGISTRY_UPSTREAMS",
-        &format!("local=http://127.0.0.1:{}", up.port),
-    );
-    let gw = Gateway::start(opts).await;
-    let image = format!("docker://10.42.0.1:{}/local/test/box:v1", gw.registry_port);
+    let (gw, _up, image) = agent_gateway(Some("256M")).await;
     let job = |name: &str, word: &str| {
-        gw.write_job(
+        b2c_job(
+            &gw,
             name,
             &format!(
-                r#"version: 1
-target:
-  tags: [qemu]
-timeouts:
-  boot_cycle:
-    minutes: 5
-console_patterns:
-  session_end:
-    regex: "reboot: Power down"
-  job_success:
-    regex: "Execution is over, pipeline status: 0"
-deployment:
-  start:
-    kernel:
-      url: "{{{{ job.http.url }}}}/boot/default_x86_64_kernel"
-      cmdline: 'console=ttyS0 panic=-1 b2c.cache_device=auto b2c.swap=16M b2c.container="--tls-verify=false {image} sh -c ''echo container {word} done''"'
-    initramfs:
-      - url: "{{{{ job.http.url }}}}/boot/default_x86_64_initrd"
-"#
+                "b2c.cache_device=auto b2c.swap=16M b2c.container=\"--tls-verify=false {image} sh -c ''echo container {word} done''\""
             ),
         )
     };
