@@ -26,76 +26,17 @@
 //! parsing it again gives an equal message.
 
 use std::borrow::Cow;
-use std::fmt;
 use std::net::Ipv4Addr;
 
-/// The magic cookie 99.130.83.99 that starts the options.
-pub const MAGIC_COOKIE: [u8; 4] = [99, 130, 83, 99];
-/// Offset of the magic cookie; the options start 4 bytes later.
-pub const COOKIE_OFFSET: usize = 236;
-/// Offset of the first option: the length of the fixed header plus the magic cookie.
-pub const OPTIONS_OFFSET: usize = 240;
-/// Smallest message [`DhcpMessage::encode`] writes (the BOOTP minimum).
-pub const MIN_MESSAGE_LEN: usize = 300;
-
-/// `op` of a message from a client.
-pub const BOOTREQUEST: u8 = 1;
-/// `op` of a message from a server.
-pub const BOOTREPLY: u8 = 2;
-/// `htype` of Ethernet.
-pub const HTYPE_ETHERNET: u8 = 1;
-/// The broadcast bit of `flags`.
-pub const FLAG_BROADCAST: u16 = 0x8000;
-
-/// Option 0: padding.
-pub const OPT_PAD: u8 = 0;
-/// Option 1: subnet mask.
-pub const OPT_SUBNET_MASK: u8 = 1;
-/// Option 3: routers.
-pub const OPT_ROUTER: u8 = 3;
-/// Option 6: DNS servers.
-pub const OPT_DNS: u8 = 6;
-/// Option 12: host name.
-pub const OPT_HOSTNAME: u8 = 12;
-/// Option 50: requested IP address.
-pub const OPT_REQUESTED_IP: u8 = 50;
-/// Option 51: lease time in seconds.
-pub const OPT_LEASE_TIME: u8 = 51;
-/// Option 52: option overload (not interpreted by this module).
-pub const OPT_OVERLOAD: u8 = 52;
-/// Option 53: DHCP message type.
-pub const OPT_MESSAGE_TYPE: u8 = 53;
-/// Option 54: server identifier.
-pub const OPT_SERVER_ID: u8 = 54;
-/// Option 55: parameter request list.
-pub const OPT_PARAMETER_REQUEST_LIST: u8 = 55;
-/// Option 60: vendor class identifier.
-pub const OPT_VENDOR_CLASS: u8 = 60;
-/// Option 66: TFTP server name.
-pub const OPT_TFTP_SERVER_NAME: u8 = 66;
-/// Option 67: boot file name.
-pub const OPT_BOOT_FILE: u8 = 67;
-/// Option 77: user class.
-pub const OPT_USER_CLASS: u8 = 77;
-/// Option 93: client system architecture (RFC 4578).
-pub const OPT_CLIENT_ARCH: u8 = 93;
-/// Option 175: iPXE's encapsulated options; its presence marks iPXE.
-pub const OPT_IPXE_ENCAP: u8 = 175;
-/// Option 255: end of the options.
-pub const OPT_END: u8 = 255;
-
-/// Client architecture 0: x86 BIOS (RFC 4578).
-pub const ARCH_X86_BIOS: u16 = 0;
-/// Client architecture 6: x86 (32-bit) EFI.
-pub const ARCH_X86_EFI: u16 = 6;
-/// Client architecture 7: x86-64 EFI.
-pub const ARCH_X86_64_EFI: u16 = 7;
-/// Client architecture 9: x86-64 EFI (EFI byte code number, used by x86-64 firmware).
-pub const ARCH_X86_64_EFI_ALT: u16 = 9;
-/// Client architecture 10: 32-bit ARM EFI.
-pub const ARCH_ARM32_EFI: u16 = 10;
-/// Client architecture 11: 64-bit ARM EFI.
-pub const ARCH_ARM64_EFI: u16 = 11;
+pub use farmgate_wire::dhcp::{
+    ARCH_ARM32_EFI, ARCH_ARM64_EFI, ARCH_X86_64_EFI, ARCH_X86_64_EFI_ALT, ARCH_X86_BIOS,
+    ARCH_X86_EFI, BOOTREPLY, BOOTREQUEST, COOKIE_OFFSET, FLAG_BROADCAST, HTYPE_ETHERNET,
+    MAGIC_COOKIE, MIN_MESSAGE_LEN, MessageType, OPT_BOOT_FILE, OPT_CLIENT_ARCH, OPT_DNS, OPT_END,
+    OPT_HOSTNAME, OPT_IPXE_ENCAP, OPT_LEASE_TIME, OPT_MESSAGE_TYPE, OPT_OVERLOAD, OPT_PAD,
+    OPT_PARAMETER_REQUEST_LIST, OPT_REQUESTED_IP, OPT_ROUTER, OPT_SERVER_ID, OPT_SUBNET_MASK,
+    OPT_TFTP_SERVER_NAME, OPT_USER_CLASS, OPT_VENDOR_CLASS, OPTIONS_OFFSET,
+};
+use farmgate_wire::dhcp::{CHADDR_OFFSET, FILE_OFFSET, OptionError, SNAME_OFFSET, XID_OFFSET};
 
 /// Why a datagram is not a DHCP message, or an option cannot be set.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,74 +89,6 @@ pub enum DhcpError {
     /// Pad (0) and end (255) carry no data and cannot be set as options.
     #[error("option {0} cannot be set: codes 0 (pad) and 255 (end) carry no data")]
     ReservedOptionCode(u8),
-}
-
-/// The DHCP message type (option 53).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MessageType {
-    /// 1: a client looks for servers.
-    Discover,
-    /// 2: a server offers an address.
-    Offer,
-    /// 3: a client asks for an offered (or its previous) address.
-    Request,
-    /// 4: a client says the address is already in use.
-    Decline,
-    /// 5: a server confirms the address.
-    Ack,
-    /// 6: a server refuses the request.
-    Nak,
-    /// 7: a client gives the address back.
-    Release,
-    /// 8: a client asks for configuration only.
-    Inform,
-}
-
-impl MessageType {
-    /// The value of option 53.
-    pub fn code(self) -> u8 {
-        match self {
-            MessageType::Discover => 1,
-            MessageType::Offer => 2,
-            MessageType::Request => 3,
-            MessageType::Decline => 4,
-            MessageType::Ack => 5,
-            MessageType::Nak => 6,
-            MessageType::Release => 7,
-            MessageType::Inform => 8,
-        }
-    }
-
-    /// The message type of an option 53 value, `None` for values RFC 2132 does not define.
-    pub fn from_code(code: u8) -> Option<MessageType> {
-        Some(match code {
-            1 => MessageType::Discover,
-            2 => MessageType::Offer,
-            3 => MessageType::Request,
-            4 => MessageType::Decline,
-            5 => MessageType::Ack,
-            6 => MessageType::Nak,
-            7 => MessageType::Release,
-            8 => MessageType::Inform,
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Display for MessageType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = match self {
-            MessageType::Discover => "DHCPDISCOVER",
-            MessageType::Offer => "DHCPOFFER",
-            MessageType::Request => "DHCPREQUEST",
-            MessageType::Decline => "DHCPDECLINE",
-            MessageType::Ack => "DHCPACK",
-            MessageType::Nak => "DHCPNAK",
-            MessageType::Release => "DHCPRELEASE",
-            MessageType::Inform => "DHCPINFORM",
-        };
-        f.write_str(name)
-    }
 }
 
 /// One option as it appears on the wire: a code (never 0 or 255) and at most 255 bytes.
@@ -311,49 +184,43 @@ pub fn parse(data: &[u8]) -> Result<DhcpMessage, DhcpError> {
     if cookie != MAGIC_COOKIE {
         return Err(DhcpError::BadCookie { found: cookie });
     }
-    let mut options = Vec::new();
-    let mut offset = OPTIONS_OFFSET;
-    while let Some(&code) = data.get(offset) {
-        match code {
-            OPT_PAD => offset += 1,
-            OPT_END => break,
-            _ => {
-                let Some(&len) = data.get(offset + 1) else {
-                    return Err(DhcpError::MissingLength { code, offset });
-                };
-                let start = offset + 2;
-                let end = start + usize::from(len);
-                let Some(value) = data.get(start..end) else {
-                    return Err(DhcpError::OptionPastEnd {
-                        code,
-                        offset,
-                        len,
-                        total: data.len(),
-                    });
-                };
-                options.push(DhcpOption {
-                    code,
-                    data: value.to_vec(),
-                });
-                offset = end;
+    let area = data.get(OPTIONS_OFFSET..).unwrap_or(&[]);
+    let options = farmgate_wire::dhcp::options(area, OPTIONS_OFFSET)
+        .map(|o| {
+            o.map(|o| DhcpOption {
+                code: o.code,
+                data: o.data.to_vec(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| match e {
+            OptionError::MissingLength { code, offset } => {
+                DhcpError::MissingLength { code, offset }
             }
-        }
-    }
+            OptionError::PastEnd {
+                code, offset, len, ..
+            } => DhcpError::OptionPastEnd {
+                code,
+                offset,
+                len,
+                total: data.len(),
+            },
+        })?;
     Ok(DhcpMessage {
         op,
         htype,
         hlen,
         hops,
-        xid: u32::from_be_bytes(array_at(data, 4)),
+        xid: u32::from_be_bytes(array_at(data, XID_OFFSET)),
         secs: u16::from_be_bytes(array_at(data, 8)),
         flags: u16::from_be_bytes(array_at(data, 10)),
         ciaddr: ipv4_at(data, 12),
         yiaddr: ipv4_at(data, 16),
         siaddr: ipv4_at(data, 20),
         giaddr: ipv4_at(data, 24),
-        chaddr: array_at(data, 28),
-        sname: array_at(data, 44),
-        file: array_at(data, 108),
+        chaddr: array_at(data, CHADDR_OFFSET),
+        sname: array_at(data, SNAME_OFFSET),
+        file: array_at(data, FILE_OFFSET),
         options,
     })
 }

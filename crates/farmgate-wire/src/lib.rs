@@ -4,6 +4,9 @@
 //! file (seed 001 format), the REST bodies under `/api/v1`, the job events streamed to
 //! `farmctl`, the DUT states and the job statuses with their exit codes. Keeping them in
 //! one crate means the daemon and the client cannot drift apart.
+//!
+//! The gateway and the agent on the DUT also share the network protocols' codecs: [`ntp`]
+//! (the SNTP packet and timestamps) and [`dhcp`] (DHCPv4 constants and the options walk).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,6 +15,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub use serde_yaml_ng::Value as YamlValue;
+
+pub mod dhcp;
+pub mod ntp;
 
 /// The final status of a job, as CI-tron reports it.
 ///

@@ -6,51 +6,17 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-/// BOOTP client port.
-pub const CLIENT_PORT: u16 = 68;
-/// BOOTP server port.
-pub const SERVER_PORT: u16 = 67;
-/// The options' magic cookie.
-pub const MAGIC_COOKIE: [u8; 4] = [99, 130, 83, 99];
-/// Offset of the magic cookie (after the fixed BOOTP header).
-const COOKIE_OFFSET: usize = 236;
-/// Offset of the first option.
-const OPTIONS_OFFSET: usize = 240;
-/// Smallest BOOTP message relays and old servers accept.
-const MIN_LEN: usize = 300;
-/// The broadcast flag: the server broadcasts its replies (we have no address yet).
-const FLAG_BROADCAST: u16 = 0x8000;
-
-/// Option: subnet mask.
-pub const OPT_SUBNET_MASK: u8 = 1;
-/// Option: routers.
-pub const OPT_ROUTER: u8 = 3;
-/// Option: DNS servers.
-pub const OPT_DNS: u8 = 6;
-/// Option: host name.
-pub const OPT_HOSTNAME: u8 = 12;
-/// Option: domain name.
-pub const OPT_DOMAIN: u8 = 15;
-/// Option: broadcast address.
-pub const OPT_BROADCAST: u8 = 28;
-/// Option: NTP servers.
-pub const OPT_NTP: u8 = 42;
-/// Option: requested IP address.
-pub const OPT_REQUESTED_IP: u8 = 50;
-/// Option: lease time (seconds).
-pub const OPT_LEASE_TIME: u8 = 51;
-/// Option: option overload (options continued in `file` and/or `sname`).
-pub const OPT_OVERLOAD: u8 = 52;
-/// Option: DHCP message type.
-pub const OPT_MESSAGE_TYPE: u8 = 53;
-/// Option: server identifier.
-pub const OPT_SERVER_ID: u8 = 54;
-/// Option: parameter request list.
-pub const OPT_PARAMETER_REQUEST_LIST: u8 = 55;
-/// Option: maximum DHCP message size.
-pub const OPT_MAX_MESSAGE_SIZE: u8 = 57;
-/// Option: client identifier.
-pub const OPT_CLIENT_ID: u8 = 61;
+use farmgate_wire::dhcp::{
+    BOOTREPLY, BOOTREQUEST, CHADDR_OFFSET, COOKIE_OFFSET, FILE_LEN, FILE_OFFSET, FLAG_BROADCAST,
+    HTYPE_ETHERNET, MIN_MESSAGE_LEN, OPT_END, OPTIONS_OFFSET, OVERLOAD_FILE, OVERLOAD_SNAME,
+    SIADDR_OFFSET, SNAME_LEN, SNAME_OFFSET, XID_OFFSET, YIADDR_OFFSET,
+};
+pub use farmgate_wire::dhcp::{
+    CLIENT_PORT, MAGIC_COOKIE, MessageType, OPT_BROADCAST, OPT_CLIENT_ID, OPT_DNS, OPT_DOMAIN,
+    OPT_HOSTNAME, OPT_LEASE_TIME, OPT_MAX_MESSAGE_SIZE, OPT_MESSAGE_TYPE, OPT_NTP, OPT_OVERLOAD,
+    OPT_PARAMETER_REQUEST_LIST, OPT_REQUESTED_IP, OPT_ROUTER, OPT_SERVER_ID, OPT_SUBNET_MASK,
+    SERVER_PORT,
+};
 
 /// The options the client asks for (option 55).
 pub const REQUESTED_OPTIONS: [u8; 8] = [
@@ -63,45 +29,6 @@ pub const REQUESTED_OPTIONS: [u8; 8] = [
     OPT_NTP,
     OPT_LEASE_TIME,
 ];
-
-/// DHCP message types (option 53) the client sends or understands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MessageType {
-    /// DHCPDISCOVER (1).
-    Discover,
-    /// DHCPOFFER (2).
-    Offer,
-    /// DHCPREQUEST (3).
-    Request,
-    /// DHCPACK (5).
-    Ack,
-    /// DHCPNAK (6).
-    Nak,
-}
-
-impl MessageType {
-    /// The option 53 code.
-    pub fn code(self) -> u8 {
-        match self {
-            MessageType::Discover => 1,
-            MessageType::Offer => 2,
-            MessageType::Request => 3,
-            MessageType::Ack => 5,
-            MessageType::Nak => 6,
-        }
-    }
-
-    fn from_code(code: u8) -> Option<MessageType> {
-        Some(match code {
-            1 => MessageType::Discover,
-            2 => MessageType::Offer,
-            3 => MessageType::Request,
-            5 => MessageType::Ack,
-            6 => MessageType::Nak,
-            _ => return None,
-        })
-    }
-}
 
 /// A client message to build: DISCOVER, or REQUEST of an offered address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,13 +51,13 @@ impl ClientMessage {
     /// The message on the wire (at least 300 bytes, broadcast flag set).
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; OPTIONS_OFFSET];
-        b[0] = 1; // BOOTREQUEST
-        b[1] = 1; // Ethernet
+        b[0] = BOOTREQUEST;
+        b[1] = HTYPE_ETHERNET;
         b[2] = 6;
-        b[4..8].copy_from_slice(&self.xid.to_be_bytes());
+        b[XID_OFFSET..XID_OFFSET + 4].copy_from_slice(&self.xid.to_be_bytes());
         b[8..10].copy_from_slice(&self.secs.to_be_bytes());
         b[10..12].copy_from_slice(&FLAG_BROADCAST.to_be_bytes());
-        b[28..34].copy_from_slice(&self.mac);
+        b[CHADDR_OFFSET..CHADDR_OFFSET + 6].copy_from_slice(&self.mac);
         b[COOKIE_OFFSET..OPTIONS_OFFSET].copy_from_slice(&MAGIC_COOKIE);
         b.extend_from_slice(&[OPT_MESSAGE_TYPE, 1, self.kind.code()]);
         b.extend_from_slice(&[OPT_CLIENT_ID, 7, 1]);
@@ -147,9 +74,9 @@ impl ClientMessage {
         }
         b.extend_from_slice(&[OPT_PARAMETER_REQUEST_LIST, REQUESTED_OPTIONS.len() as u8]);
         b.extend_from_slice(&REQUESTED_OPTIONS);
-        b.push(255);
-        if b.len() < MIN_LEN {
-            b.resize(MIN_LEN, 0);
+        b.push(OPT_END);
+        if b.len() < MIN_MESSAGE_LEN {
+            b.resize(MIN_MESSAGE_LEN, 0);
         }
         b
     }
@@ -168,30 +95,12 @@ pub struct Reply {
     pub options: BTreeMap<u8, Vec<u8>>,
 }
 
-/// Reads options from `data` into `out`, stopping at END; errors on a truncated option.
-fn read_options(data: &[u8], out: &mut BTreeMap<u8, Vec<u8>>) -> Result<(), String> {
-    let mut i = 0;
-    while i < data.len() {
-        let code = data[i];
-        match code {
-            0 => i += 1,
-            255 => return Ok(()),
-            _ => {
-                let Some(&len) = data.get(i + 1) else {
-                    return Err(format!("option {code} has no length byte"));
-                };
-                let start = i + 2;
-                let end = start + usize::from(len);
-                let Some(value) = data.get(start..end) else {
-                    return Err(format!(
-                        "option {code} claims {len} bytes, {} left",
-                        data.len().saturating_sub(start)
-                    ));
-                };
-                out.entry(code).or_default().extend_from_slice(value);
-                i = end;
-            }
-        }
+/// Reads the options of `area` (at offset `base` of the message) into `out`, concatenating
+/// repeated ones; errors on an option that does not fit.
+fn read_options(area: &[u8], base: usize, out: &mut BTreeMap<u8, Vec<u8>>) -> Result<(), String> {
+    for o in farmgate_wire::dhcp::options(area, base) {
+        let o = o.map_err(|e| e.to_string())?;
+        out.entry(o.code).or_default().extend_from_slice(o.data);
     }
     Ok(())
 }
@@ -206,30 +115,38 @@ pub fn parse_reply(data: &[u8], xid: u32, mac: &[u8; 6]) -> Result<Reply, String
     if data.len() < OPTIONS_OFFSET {
         return Err(format!("{} bytes, shorter than a BOOTP header", data.len()));
     }
-    if data[0] != 2 {
+    if data[0] != BOOTREPLY {
         return Err(format!("op {} is not BOOTREPLY", data[0]));
     }
-    let got_xid = u32::from_be_bytes([data[4], data[5], data[6], data[7]]);
+    let got_xid = u32::from_be_bytes([
+        data[XID_OFFSET],
+        data[XID_OFFSET + 1],
+        data[XID_OFFSET + 2],
+        data[XID_OFFSET + 3],
+    ]);
     if got_xid != xid {
         return Err(format!("xid {got_xid:#010x} is not ours ({xid:#010x})"));
     }
-    if data[28..34] != mac[..] {
+    if data[CHADDR_OFFSET..CHADDR_OFFSET + 6] != mac[..] {
         return Err("chaddr is not our hardware address".into());
     }
     if data[COOKIE_OFFSET..OPTIONS_OFFSET] != MAGIC_COOKIE {
         return Err("no DHCP magic cookie".into());
     }
     let mut options = BTreeMap::new();
-    read_options(&data[OPTIONS_OFFSET..], &mut options)?;
+    read_options(&data[OPTIONS_OFFSET..], OPTIONS_OFFSET, &mut options)?;
+    // Option overload (RFC 2131 4.1): `file` first, then `sname`.
     let overload = options
         .get(&OPT_OVERLOAD)
         .and_then(|v| v.first().copied())
         .unwrap_or(0);
-    if overload & 1 != 0 {
-        read_options(&data[108..236], &mut options)?;
+    if overload & OVERLOAD_FILE != 0 {
+        let file = &data[FILE_OFFSET..FILE_OFFSET + FILE_LEN];
+        read_options(file, FILE_OFFSET, &mut options)?;
     }
-    if overload & 2 != 0 {
-        read_options(&data[44..108], &mut options)?;
+    if overload & OVERLOAD_SNAME != 0 {
+        let sname = &data[SNAME_OFFSET..SNAME_OFFSET + SNAME_LEN];
+        read_options(sname, SNAME_OFFSET, &mut options)?;
     }
     let kind = match options.get(&OPT_MESSAGE_TYPE).map(Vec::as_slice) {
         Some([code]) => MessageType::from_code(*code)
@@ -240,8 +157,8 @@ pub fn parse_reply(data: &[u8], xid: u32, mac: &[u8; 6]) -> Result<Reply, String
     };
     Ok(Reply {
         kind,
-        your_ip: ip_at(data, 16),
-        server_ip: ip_at(data, 20),
+        your_ip: ip_at(data, YIADDR_OFFSET),
+        server_ip: ip_at(data, SIADDR_OFFSET),
         options,
     })
 }
@@ -405,7 +322,7 @@ mod tests {
         assert_eq!(&d[28..34], &MAC);
         assert_eq!(&d[236..240], &MAGIC_COOKIE);
         let mut opts = BTreeMap::new();
-        read_options(&d[240..], &mut opts).expect("our own options parse");
+        read_options(&d[240..], 240, &mut opts).expect("our own options parse");
         assert_eq!(opts[&OPT_MESSAGE_TYPE], vec![1]);
         assert_eq!(
             opts[&OPT_PARAMETER_REQUEST_LIST],
@@ -424,7 +341,7 @@ mod tests {
         }
         .encode();
         let mut opts = BTreeMap::new();
-        read_options(&r[240..], &mut opts).expect("our own options parse");
+        read_options(&r[240..], 240, &mut opts).expect("our own options parse");
         assert_eq!(opts[&OPT_MESSAGE_TYPE], vec![3]);
         assert_eq!(opts[&OPT_REQUESTED_IP], vec![10, 77, 0, 55]);
         assert_eq!(opts[&OPT_SERVER_ID], vec![10, 77, 0, 1]);
@@ -563,14 +480,14 @@ mod tests {
         assert!(
             parse_reply(&b, XID, &MAC)
                 .unwrap_err()
-                .contains("claims 200")
+                .contains("length 200 runs past the end")
         );
         let mut b = ack[..OPTIONS_OFFSET].to_vec();
         b.extend_from_slice(&[OPT_MESSAGE_TYPE, 1, 5, OPT_DNS]);
         assert!(
             parse_reply(&b, XID, &MAC)
                 .unwrap_err()
-                .contains("no length")
+                .contains("length byte is missing")
         );
         // Pseudo-random garbage after a valid header, deterministic (xorshift).
         let mut state = 0x1234_5678_9abc_def0u64;
