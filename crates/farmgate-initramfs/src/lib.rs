@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! farmgate-mkinitramfs --out <DIR> [--kernel <path>] [--modules-dir <path>]
-//!                      [--busybox <path>] [--module <name>]...
+//!                      [--busybox <path>] [--module <name>]... [--binary <path>]...
+//!                      [--init <path>] [--arch x86_64|aarch64] [--sysroot <dir>]
 //! ```
 //!
 //! Writes `<DIR>/vmlinuz` (a copy of the kernel; default: the newest `/boot/vmlinuz-*`)
@@ -14,6 +15,11 @@
 //! initramfs holds busybox, `/init`, and the network modules `virtio_net`, `virtio_pci`,
 //! `e1000` plus any `--module`, with their dependencies (from `modules.dep` of
 //! `/lib/modules/<version>` or `--modules-dir`; built-in modules are skipped).
+//!
+//! With `--sysroot DIR` (e.g. an arm64 sysroot made by `scripts/arm64-sysroot.sh`) and
+//! `--arch aarch64`, everything but `--init` comes from DIR instead of the host (see
+//! [`BuildOptions::sysroot`]); shared libraries are then found by reading the ELF files
+//! ([`elf`]) rather than with `ldd`. Every ELF file included must be for `--arch`.
 //!
 //! # What `/init` understands (kernel command line)
 //!
@@ -48,12 +54,15 @@
 //! ```
 
 pub mod cpio;
+pub mod elf;
 pub mod modules;
 
 use std::cmp::Ordering;
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
 pub use cpio::Archive;
 pub use modules::{ModuleIndex, Resolution, ResolvedModule};
@@ -89,7 +98,9 @@ pub enum Error {
         source: std::io::Error,
     },
     /// No `vmlinuz-*` in the boot directory.
-    #[error("no kernel in {0}: install linux-image-amd64 (or pass --kernel)")]
+    #[error(
+        "no kernel in {0}: install linux-image-amd64 (for a sysroot: scripts/arm64-sysroot.sh), or pass --kernel"
+    )]
     NoKernel(PathBuf),
     /// The kernel version cannot be derived from the kernel file name.
     #[error(
@@ -256,8 +267,22 @@ pub struct BuildOptions {
     /// shared libraries and the program interpreter it needs.
     pub extra_binaries: Vec<PathBuf>,
     /// A program to boot instead of the shell `/init` (e.g. `farm-agent`): included at its
-    /// own path with its libraries, `/init` a symbolic link to it.
+    /// own path with its libraries, `/init` a symbolic link to it. Always a path of the
+    /// build host, also with a `sysroot` (whose libraries it then uses).
     pub init: Option<PathBuf>,
+    /// The architecture of the image, as Rust names it (`x86_64`, `aarch64`); every ELF
+    /// file included must be for it. [`BuildOptions::new`]: the host's.
+    pub arch: String,
+    /// Build from another system's files (e.g. an arm64 sysroot made by
+    /// `scripts/arm64-sysroot.sh`) instead of the host's: the kernel is the newest
+    /// `<sysroot>/boot/vmlinuz-*`, modules come from `<sysroot>/lib/modules`, and
+    /// `busybox` and `extra_binaries` are paths inside the sysroot (`/usr/bin/crun` is
+    /// `<sysroot>/usr/bin/crun`, stored at `/usr/bin/crun`). Shared libraries are found
+    /// by reading the programs' `PT_INTERP` and `DT_NEEDED` (no `ldd`) in
+    /// `/lib/<arch>-linux-gnu`, `/usr/lib/<arch>-linux-gnu`, `/lib` and `/usr/lib` of the
+    /// sysroot, and foreign programs are stripped with `<arch>-linux-gnu-strip` when it
+    /// is installed. An explicit `kernel` or `modules_dir` is a host path.
+    pub sysroot: Option<PathBuf>,
 }
 
 impl BuildOptions {
@@ -273,6 +298,8 @@ impl BuildOptions {
             modules_root: PathBuf::from("/lib/modules"),
             extra_binaries: Vec::new(),
             init: None,
+            arch: std::env::consts::ARCH.to_string(),
+            sysroot: None,
         }
     }
 }
@@ -418,6 +445,15 @@ pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, Error> {
 /// Adds `binary` and what it needs to `archive`, each at its own absolute path (file
 /// contents through symlinks).
 pub fn add_binary(archive: &mut Archive, binary: &Path) -> Result<Vec<PathBuf>, Error> {
+    add_host_binary(archive, binary, std::env::consts::ARCH)
+}
+
+/// [`add_binary`], checking that every ELF file is for `arch`.
+fn add_host_binary(
+    archive: &mut Archive,
+    binary: &Path,
+    arch: &str,
+) -> Result<Vec<PathBuf>, Error> {
     let mut files = vec![binary.to_path_buf()];
     files.extend(shared_libraries(binary)?);
     for f in &files {
@@ -425,6 +461,7 @@ pub fn add_binary(archive: &mut Archive, binary: &Path) -> Result<Vec<PathBuf>, 
             path: binary.to_path_buf(),
             msg: format!("reading {}: {e}", f.display()),
         })?;
+        check_machine(f, &data, arch)?;
         let rel = f.to_string_lossy().trim_start_matches('/').to_string();
         archive.add_file(&rel, 0o755, data)?;
     }
@@ -439,14 +476,26 @@ fn stripped(path: &Path) -> std::io::Result<Vec<u8>> {
     if original.len() < 4 || &original[..4] != b"\x7fELF" {
         return Ok(original);
     }
+    Ok(strip_with("strip", path).unwrap_or(original))
+}
+
+/// `path` stripped by the program `strip` (`--strip-unneeded`); `None` when it cannot
+/// run or fails, or `path` is not ELF.
+fn strip_with(strip: &str, path: &Path) -> Option<Vec<u8>> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let head = std::fs::read(path).ok()?;
+    if !elf::is_elf(&head) {
+        return None;
+    }
     let tmp = std::env::temp_dir().join(format!(
-        "farmgate-mkinitramfs-strip-{}-{}",
+        "farmgate-mkinitramfs-strip-{}-{}-{}",
         std::process::id(),
+        COUNTER.fetch_add(1, AtomicOrdering::Relaxed),
         path.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     ));
-    let ok = std::process::Command::new("strip")
+    let ok = std::process::Command::new(strip)
         .arg("--strip-unneeded")
         .arg("-o")
         .arg(&tmp)
@@ -456,7 +505,229 @@ fn stripped(path: &Path) -> std::io::Result<Vec<u8>> {
         .is_ok_and(|s| s.success());
     let data = if ok { std::fs::read(&tmp).ok() } else { None };
     let _ = std::fs::remove_file(&tmp);
-    Ok(data.unwrap_or(original))
+    data
+}
+
+/// Checks that the ELF file `data` (read from `path`) is for `arch`; files that are not
+/// ELF (scripts) pass.
+pub fn check_machine(path: &Path, data: &[u8], arch: &str) -> Result<(), Error> {
+    if !elf::is_elf(data) {
+        return Ok(());
+    }
+    let bad = |msg: String| Error::Binary {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let want = elf::machine_of_arch(arch).ok_or_else(|| {
+        bad(format!(
+            "unsupported image architecture {arch:?} (x86_64 or aarch64)"
+        ))
+    })?;
+    let got = elf::machine(data).map_err(|e| bad(e.to_string()))?;
+    if got != want {
+        return Err(bad(format!(
+            "is an ELF file for {}, not for {arch} (the image's architecture): mixing architectures",
+            elf::machine_name(got)
+        )));
+    }
+    Ok(())
+}
+
+/// `path` (absolute, as seen inside `sysroot`) as a path of the build host, symbolic
+/// links resolved the way they would be inside the sysroot (absolute targets are taken
+/// relative to `sysroot`, `..` never leaves it).
+pub fn resolve_in_sysroot(sysroot: &Path, path: &Path) -> Result<PathBuf, Error> {
+    let not_found = |what: String| Error::Io {
+        what,
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+    };
+    // Components still to walk, the next one last.
+    let mut pending: Vec<std::ffi::OsString> = Vec::new();
+    let push_all = |pending: &mut Vec<std::ffi::OsString>, p: &Path| {
+        for c in p.components().rev() {
+            if let Component::Normal(n) = c {
+                pending.push(n.to_os_string());
+            } else if c == Component::ParentDir {
+                pending.push("..".into());
+            }
+        }
+    };
+    push_all(&mut pending, path);
+    let mut cur: Vec<std::ffi::OsString> = Vec::new();
+    let mut hops = 0;
+    while let Some(c) = pending.pop() {
+        if c == ".." {
+            cur.pop();
+            continue;
+        }
+        cur.push(c);
+        let host: PathBuf = std::iter::once(sysroot.as_os_str())
+            .chain(cur.iter().map(|c| c.as_os_str()))
+            .collect();
+        match std::fs::symlink_metadata(&host) {
+            Ok(m) if m.file_type().is_symlink() => {
+                hops += 1;
+                if hops > 40 {
+                    return Err(Error::Io {
+                        what: format!("resolving {} in {}", path.display(), sysroot.display()),
+                        source: std::io::Error::other("too many levels of symbolic links"),
+                    });
+                }
+                let target = std::fs::read_link(&host)
+                    .map_err(io_err(format!("reading link {}", host.display())))?;
+                cur.pop();
+                if target.is_absolute() {
+                    cur.clear();
+                }
+                push_all(&mut pending, &target);
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(not_found(format!(
+                    "{} in sysroot {} ({} does not exist)",
+                    path.display(),
+                    sysroot.display(),
+                    host.display()
+                )));
+            }
+            Err(e) => return Err(io_err(format!("{}", host.display()))(e)),
+        }
+    }
+    Ok(std::iter::once(sysroot.as_os_str())
+        .chain(cur.iter().map(|c| c.as_os_str()))
+        .collect())
+}
+
+/// Directories of a sysroot searched for shared libraries, in order.
+pub fn sysroot_library_dirs(arch: &str) -> [String; 4] {
+    [
+        format!("/lib/{arch}-linux-gnu"),
+        format!("/usr/lib/{arch}-linux-gnu"),
+        "/lib".to_string(),
+        "/usr/lib".to_string(),
+    ]
+}
+
+/// The files the program `program` (a host file, e.g. the cross-built agent or a
+/// program inside the sysroot) needs from `sysroot`: its program interpreter and its
+/// shared libraries, recursively, found by reading `PT_INTERP` and `DT_NEEDED` (see
+/// [`elf::parse`]) and searching [`sysroot_library_dirs`]. Each as (path in the image,
+/// host file); a static program needs none.
+pub fn sysroot_dependencies(
+    sysroot: &Path,
+    program: &Path,
+    arch: &str,
+) -> Result<Vec<(PathBuf, PathBuf)>, Error> {
+    let bad = |msg: String| Error::Binary {
+        path: program.to_path_buf(),
+        msg,
+    };
+    let parse_file = |host: &Path| -> Result<elf::ElfInfo, Error> {
+        let data =
+            std::fs::read(host).map_err(|e| bad(format!("reading {}: {e}", host.display())))?;
+        check_machine(host, &data, arch)?;
+        elf::parse(&data).map_err(|e| bad(format!("{}: {e}", host.display())))
+    };
+    let info = parse_file(program)?;
+    let mut out: Vec<(PathBuf, PathBuf)> = Vec::new();
+    if let Some(interp) = &info.interp {
+        let host = resolve_in_sysroot(sysroot, Path::new(interp))
+            .map_err(|e| bad(format!("its program interpreter {interp} is missing: {e}")))?;
+        let data =
+            std::fs::read(&host).map_err(|e| bad(format!("reading {}: {e}", host.display())))?;
+        check_machine(&host, &data, arch)?;
+        out.push((PathBuf::from(interp), host));
+    }
+    let dirs = sysroot_library_dirs(arch);
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut queue: VecDeque<(String, String)> = info
+        .needed
+        .iter()
+        .map(|n| (n.clone(), program.display().to_string()))
+        .collect();
+    while let Some((name, needed_by)) = queue.pop_front() {
+        if !seen.insert(name.clone()) {
+            continue;
+        }
+        let candidates: Vec<PathBuf> = if name.contains('/') {
+            vec![PathBuf::from(&name)]
+        } else {
+            dirs.iter().map(|d| Path::new(d).join(&name)).collect()
+        };
+        let found = candidates.iter().find_map(|c| {
+            resolve_in_sysroot(sysroot, c)
+                .ok()
+                .filter(|h| h.is_file())
+                .map(|h| (c.clone(), h))
+        });
+        let Some((image_path, host)) = found else {
+            return Err(bad(format!(
+                "library {name} (needed by {needed_by}) not found in {} of sysroot {}",
+                dirs.join(", "),
+                sysroot.display()
+            )));
+        };
+        let lib = parse_file(&host)?;
+        for n in lib.needed {
+            if !seen.contains(&n) {
+                queue.push_back((n, image_path.display().to_string()));
+            }
+        }
+        if !out.iter().any(|(p, _)| *p == image_path) {
+            out.push((image_path, host));
+        }
+    }
+    Ok(out)
+}
+
+/// Adds a program of another system and what it needs to `archive` (see
+/// [`BuildOptions::sysroot`]): `program` is the host file, stored at `image_path`; its
+/// interpreter and libraries come from `sysroot`. Every file must be an ELF file for
+/// `arch`. Returns the paths in the image.
+pub fn add_sysroot_binary(
+    archive: &mut Archive,
+    sysroot: &Path,
+    image_path: &Path,
+    program: &Path,
+    arch: &str,
+) -> Result<Vec<PathBuf>, Error> {
+    if !image_path.is_absolute() {
+        return Err(Error::Binary {
+            path: image_path.to_path_buf(),
+            msg: "programs must be given by their absolute path".into(),
+        });
+    }
+    let mut files = vec![(image_path.to_path_buf(), program.to_path_buf())];
+    files.extend(sysroot_dependencies(sysroot, program, arch)?);
+    let strip = strip_program(arch);
+    for (image, host) in &files {
+        let data = std::fs::read(host).map_err(|e| Error::Binary {
+            path: program.to_path_buf(),
+            msg: format!("reading {}: {e}", host.display()),
+        })?;
+        check_machine(host, &data, arch)?;
+        let data = strip
+            .as_deref()
+            .and_then(|s| strip_with(s, host))
+            .unwrap_or(data);
+        let rel = image.to_string_lossy().trim_start_matches('/').to_string();
+        archive.add_file(&rel, 0o755, data)?;
+    }
+    Ok(files.into_iter().map(|(image, _)| image).collect())
+}
+
+/// The `strip` of binutils for `arch`: `strip` for the host's architecture,
+/// `<arch>-linux-gnu-strip` (e.g. binutils-aarch64-linux-gnu) for another when it is
+/// installed; `None` keeps such files unstripped.
+pub fn strip_program(arch: &str) -> Option<String> {
+    if arch == std::env::consts::ARCH {
+        return Some("strip".into());
+    }
+    let name = format!("{arch}-linux-gnu-strip");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .any(|d| d.join(&name).is_file())
+        .then_some(name)
 }
 
 /// Writes `data` to `path` atomically (temporary file in the same directory, then rename).
@@ -518,10 +789,31 @@ pub fn build_archive(
 
 /// Builds `<out>/vmlinuz` and `<out>/initramfs.cpio.gz`.
 pub fn build(opts: &BuildOptions) -> Result<BuildSummary, Error> {
+    let arch = opts.arch.as_str();
+    if elf::machine_of_arch(arch).is_none() {
+        return Err(Error::Binary {
+            path: opts.init.clone().unwrap_or_else(|| opts.busybox.clone()),
+            msg: format!("unsupported image architecture {arch:?} (x86_64 or aarch64)"),
+        });
+    }
+    let sysroot = opts.sysroot.as_deref();
+    if let Some(root) = sysroot
+        && !root.is_dir()
+    {
+        return Err(Error::Io {
+            what: format!("sysroot {}", root.display()),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
+        });
+    }
+    let in_sysroot = |p: &Path| match sysroot {
+        Some(root) => root.join(p.strip_prefix("/").unwrap_or(p)),
+        None => p.to_path_buf(),
+    };
+    let (boot_dir, modules_root) = (in_sysroot(&opts.boot_dir), in_sysroot(&opts.modules_root));
     let (kernel, version_from_name) = match &opts.kernel {
         Some(k) => (k.clone(), kernel_version_of(k)),
         None => {
-            let (k, v) = find_kernel(&opts.boot_dir)?;
+            let (k, v) = find_kernel(&boot_dir)?;
             (k, Some(v))
         }
     };
@@ -533,7 +825,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, Error> {
     }
     let modules_dir = match (&opts.modules_dir, &version_from_name) {
         (Some(d), _) => d.clone(),
-        (None, Some(v)) => opts.modules_root.join(v),
+        (None, Some(v)) => modules_root.join(v),
         (None, None) => return Err(Error::KernelVersion(kernel)),
     };
     if !modules_dir.is_dir() {
@@ -550,11 +842,16 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, Error> {
 
     let kernel_data =
         std::fs::read(&kernel).map_err(io_err(format!("reading kernel {}", kernel.display())))?;
-    let busybox = std::fs::read(&opts.busybox).map_err(io_err(format!(
+    let busybox_file = match sysroot {
+        Some(root) => resolve_in_sysroot(root, &opts.busybox)?,
+        None => opts.busybox.clone(),
+    };
+    let busybox = std::fs::read(&busybox_file).map_err(io_err(format!(
         "reading busybox {} (install busybox-static)",
-        opts.busybox.display()
+        busybox_file.display()
     )))?;
-    check_static_elf(&opts.busybox, &busybox)?;
+    check_static_elf(&busybox_file, &busybox)?;
+    check_machine(&busybox_file, &busybox, arch)?;
 
     let index = ModuleIndex::load(&modules_dir)?;
     let mut wanted: Vec<String> = DEFAULT_MODULES.iter().map(|s| s.to_string()).collect();
@@ -563,13 +860,20 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, Error> {
     let mut mods = Vec::with_capacity(res.modules.len());
     for m in &res.modules {
         let data = index.read_module(m)?;
+        check_machine(&modules_dir.join(&m.rel_path), &data, arch)?;
         mods.push((m.clone(), data));
     }
 
     let mut archive = build_archive(&busybox, &kernel_version, &mods)?;
     let mut extra_files = Vec::new();
     for b in &opts.extra_binaries {
-        extra_files.extend(add_binary(&mut archive, b)?);
+        extra_files.extend(match sysroot {
+            Some(root) => {
+                let host = resolve_in_sysroot(root, b)?;
+                add_sysroot_binary(&mut archive, root, b, &host, arch)?
+            }
+            None => add_host_binary(&mut archive, b, arch)?,
+        });
     }
     if let Some(init) = &opts.init {
         if !init.is_absolute() {
@@ -578,7 +882,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, Error> {
                 msg: "the init program must be given by its absolute path".into(),
             });
         }
-        extra_files.extend(add_binary(&mut archive, init)?);
+        extra_files.extend(match sysroot {
+            Some(root) => add_sysroot_binary(&mut archive, root, init, init, arch)?,
+            None => add_host_binary(&mut archive, init, arch)?,
+        });
         archive.add_symlink("init", &init.to_string_lossy())?;
     }
     let cpio = archive.to_newc();

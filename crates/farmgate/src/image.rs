@@ -8,6 +8,11 @@
 //! written to `BOOTS_TFTP_ROOT` as `default_<arch>_kernel`, `default_<arch>_initrd` and
 //! `default_<arch>_cmdline`, which the gateway serves at `<EXECUTOR_URL>/boot/` and uses
 //! for unknown machines whenever no `BOOTS_DEFAULT_*` variable says otherwise.
+//!
+//! `--arch aarch64 --sysroot DIR` builds the image of an arm64 DUT on another host: the
+//! kernel, modules, crun, busybox and cache tools then come from DIR (made by
+//! `scripts/arm64-sysroot.sh DIR`), the agent is the cross-built one (see
+//! [`cross_agent_build_command`]), and the files are `default_aarch64_*`.
 
 use std::path::{Path, PathBuf};
 
@@ -66,6 +71,35 @@ pub struct BuildArgs {
     /// Words added to the default kernel command line (e.g. `console=ttyS0`).
     #[arg(long, value_name = "TEXT")]
     pub append: Option<String>,
+    /// Architecture of the DUTs [default: this host's].
+    #[arg(long, value_name = "ARCH")]
+    pub arch: Option<Arch>,
+    /// Take the kernel, modules, crun, busybox, cache tools and libraries from this
+    /// directory (`--crun`, `--busybox`, `--binary` are then paths inside it); required
+    /// when --arch is not this host's (arm64: `scripts/arm64-sysroot.sh DIR`).
+    #[arg(long, value_name = "DIR")]
+    pub sysroot: Option<PathBuf>,
+}
+
+/// An architecture of DUTs the image can be built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Arch {
+    /// x86-64 (amd64).
+    #[value(name = "x86_64")]
+    X86_64,
+    /// AArch64 (arm64).
+    #[value(name = "aarch64")]
+    Aarch64,
+}
+
+impl Arch {
+    /// The name as Rust and the published file names spell it (`x86_64`, `aarch64`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
 }
 
 /// What was published.
@@ -122,6 +156,47 @@ fn find_program(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The path of `name` inside `sysroot` (e.g. `/sbin/mkfs.ext4`), if it has it.
+fn find_sysroot_program(sysroot: &Path, name: &str) -> Option<PathBuf> {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| farmgate_initramfs::resolve_in_sysroot(sysroot, p).is_ok_and(|h| h.is_file()))
+}
+
+/// The command that cross-builds the agent for `arch` (Debian's gcc-<arch>-linux-gnu
+/// as linker, and as C compiler for ring).
+pub fn cross_agent_build_command(arch: &str) -> String {
+    let triple = format!("{arch}-unknown-linux-gnu");
+    let var = triple.replace('-', "_");
+    format!(
+        "CARGO_TARGET_{}_LINKER={arch}-linux-gnu-gcc CC_{var}={arch}-linux-gnu-gcc cargo build --profile agent --target {triple} -p farmgate-agent",
+        var.to_uppercase()
+    )
+}
+
+/// The cross-built agent for `arch`: `<target dir>/<arch>-unknown-linux-gnu/agent/farm-agent`,
+/// the target directory being the parent of this binary's directory.
+fn cross_agent(arch: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow::anyhow!("no target directory above {}", exe.display()))?;
+    let agent = target
+        .join(format!("{arch}-unknown-linux-gnu"))
+        .join("agent")
+        .join("farm-agent");
+    if !agent.is_file() {
+        anyhow::bail!(
+            "no {arch} farm-agent at {}: build it with `{}` (needs gcc-{arch}-linux-gnu and rustup target add {arch}-unknown-linux-gnu), or give --agent PATH",
+            agent.display(),
+            cross_agent_build_command(arch)
+        );
+    }
+    Ok(agent)
+}
+
 /// Builds the image and publishes it (see the module documentation).
 pub fn build(
     args: &BuildArgs,
@@ -143,6 +218,16 @@ pub fn build(
     };
     if !gateway.starts_with("http://") && !gateway.starts_with("https://") {
         anyhow::bail!("gateway URL {gateway:?}: expected http://host:port");
+    }
+    let host_arch = std::env::consts::ARCH;
+    let arch = args.arch.map_or(host_arch, Arch::as_str);
+    if arch != host_arch && args.sysroot.is_none() {
+        anyhow::bail!(
+            "--arch {arch} is not this host's ({host_arch}): give --sysroot DIR, a sysroot of {arch} packages (for aarch64: scripts/arm64-sysroot.sh DIR)"
+        );
+    }
+    if let Some(root) = &args.sysroot {
+        return build_from_sysroot(args, root, arch, &out, &gateway);
     }
     let agent = match &args.agent {
         Some(a) => a.clone(),
@@ -177,15 +262,82 @@ pub fn build(
     opts.extra_binaries.extend(args.binaries.iter().cloned());
     opts.init = Some(agent);
     let summary = farmgate_initramfs::build(&opts)?;
+    publish(&out, arch, &gateway, args.append.as_deref(), summary)
+}
 
-    let arch = std::env::consts::ARCH;
+/// The image for `arch` from the files of `sysroot`.
+fn build_from_sysroot(
+    args: &BuildArgs,
+    sysroot: &Path,
+    arch: &str,
+    out: &Path,
+    gateway: &str,
+) -> anyhow::Result<Published> {
+    if !sysroot.is_dir() {
+        anyhow::bail!(
+            "sysroot {}: no such directory (for aarch64: scripts/arm64-sysroot.sh {})",
+            sysroot.display(),
+            sysroot.display()
+        );
+    }
+    let agent = match &args.agent {
+        Some(a) => a.clone(),
+        None if arch == std::env::consts::ARCH => sibling_agent().ok_or_else(|| {
+            anyhow::anyhow!(
+                "farm-agent not found beside this binary: build it (cargo build --profile agent -p farmgate-agent) or give --agent PATH"
+            )
+        })?,
+        None => cross_agent(arch)?,
+    };
+    let agent = std::fs::canonicalize(&agent)
+        .map_err(|e| anyhow::anyhow!("agent {}: {e}", agent.display()))?;
+    if !farmgate_initramfs::resolve_in_sysroot(sysroot, &args.crun).is_ok_and(|h| h.is_file()) {
+        anyhow::bail!(
+            "crun {} not in sysroot {} (scripts/arm64-sysroot.sh extracts crun:arm64, or give --crun PATH inside the sysroot)",
+            args.crun.display(),
+            sysroot.display()
+        );
+    }
+    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    let work = tempfile::Builder::new()
+        .prefix(".image-build.")
+        .tempdir_in(out)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+
+    let mut opts = farmgate_initramfs::BuildOptions::new(work.path());
+    opts.arch = arch.to_string();
+    opts.sysroot = Some(sysroot.to_path_buf());
+    opts.kernel = args.kernel.clone();
+    opts.busybox = args.busybox.clone();
+    opts.extra_modules = IMAGE_MODULES.iter().map(|s| s.to_string()).collect();
+    opts.extra_modules.extend(args.modules.iter().cloned());
+    opts.extra_binaries = vec![args.crun.clone()];
+    opts.extra_binaries.extend(
+        CACHE_TOOLS
+            .iter()
+            .filter_map(|t| find_sysroot_program(sysroot, t)),
+    );
+    opts.extra_binaries.extend(args.binaries.iter().cloned());
+    opts.init = Some(agent);
+    let summary = farmgate_initramfs::build(&opts)?;
+    publish(out, arch, gateway, args.append.as_deref(), summary)
+}
+
+/// Moves the built files to their published names for `arch`.
+fn publish(
+    out: &Path,
+    arch: &str,
+    gateway: &str,
+    append: Option<&str>,
+    summary: farmgate_initramfs::BuildSummary,
+) -> anyhow::Result<Published> {
     let [kernel_name, initrd_name, cmdline_name] = built_image_files(arch);
     let (kernel, initrd, cmdline_file) = (
         out.join(kernel_name),
         out.join(initrd_name),
         out.join(cmdline_name),
     );
-    let cmdline = default_cmdline(&gateway, args.append.as_deref());
+    let cmdline = default_cmdline(gateway, append);
     // Each file replaced atomically; the kernel last, as it is what makes the gateway
     // use the image.
     std::fs::rename(&summary.initramfs, &initrd)
@@ -228,6 +380,8 @@ mod tests {
             modules: vec![],
             binaries: vec![],
             append: None,
+            arch: None,
+            sysroot: None,
         };
         let e = build(&args, None).unwrap_err().to_string();
         assert!(e.contains("no-agent"), "{e}");
@@ -251,5 +405,82 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("http://"), "{e}");
+    }
+
+    #[test]
+    fn a_foreign_architecture_needs_a_sysroot_and_a_cross_built_agent() {
+        let d = tempfile::tempdir().unwrap();
+        let (other, other_arch) = if std::env::consts::ARCH == "aarch64" {
+            ("x86_64", Arch::X86_64)
+        } else {
+            ("aarch64", Arch::Aarch64)
+        };
+        let args = BuildArgs {
+            out: Some(d.path().join("out")),
+            gateway_url: Some("http://g:8000".into()),
+            kernel: None,
+            agent: None,
+            crun: PathBuf::from("/usr/bin/crun"),
+            busybox: PathBuf::from("/bin/busybox"),
+            modules: vec![],
+            binaries: vec![],
+            append: None,
+            arch: Some(other_arch),
+            sysroot: None,
+        };
+        let e = build(&args, None).unwrap_err().to_string();
+        assert!(e.contains("--sysroot"), "{e}");
+        let sysroot = d.path().join("sysroot");
+        let e = build(
+            &BuildArgs {
+                sysroot: Some(sysroot.clone()),
+                ..args.clone()
+            },
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("arm64-sysroot.sh"), "{e}");
+        std::fs::create_dir(&sysroot).unwrap();
+        // The test binary's target directory has no cross-built agent: the error
+        // says how to build one.
+        let e = build(
+            &BuildArgs {
+                sysroot: Some(sysroot.clone()),
+                ..args.clone()
+            },
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&cross_agent_build_command(other)) && e.contains("--agent"),
+            "{e}"
+        );
+        // With an agent, the sysroot's missing crun is named.
+        let agent = d.path().join("farm-agent");
+        std::fs::write(&agent, b"\x7fELF").unwrap();
+        let e = build(
+            &BuildArgs {
+                sysroot: Some(sysroot.clone()),
+                agent: Some(agent),
+                ..args
+            },
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("/usr/bin/crun") && e.contains(&sysroot.display().to_string()),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_cross_build_command_names_linker_and_c_compiler() {
+        assert_eq!(
+            cross_agent_build_command("aarch64"),
+            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc cargo build --profile agent --target aarch64-unknown-linux-gnu -p farmgate-agent"
+        );
     }
 }

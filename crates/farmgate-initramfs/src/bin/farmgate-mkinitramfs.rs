@@ -35,6 +35,15 @@ struct Args {
     /// at its path with its libraries.
     #[arg(long, value_name = "PATH")]
     init: Option<PathBuf>,
+    /// Architecture of the image (x86_64 or aarch64; default: the host's); every ELF
+    /// file must be for it.
+    #[arg(long, value_name = "ARCH", default_value = std::env::consts::ARCH)]
+    arch: String,
+    /// Take the kernel, modules, busybox and --binary programs (paths inside DIR) and
+    /// the libraries from this directory instead of the host (e.g. an arm64 sysroot made
+    /// by scripts/arm64-sysroot.sh); --init stays a host path.
+    #[arg(long, value_name = "DIR")]
+    sysroot: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -47,6 +56,8 @@ fn main() -> ExitCode {
     opts.extra_modules = args.modules;
     opts.extra_binaries = args.binaries;
     opts.init = args.init;
+    opts.arch = args.arch;
+    opts.sysroot = args.sysroot;
     match build(&opts) {
         Ok(summary) => {
             println!("{summary}; {:.2} s", started.elapsed().as_secs_f64());
