@@ -200,6 +200,133 @@ pub fn load_modules(list: &Path, modules_dir: &Path, insmods: &[String]) -> Modu
     out
 }
 
+/// Where the image lists the `modules.alias` patterns of its modules (`<pattern>
+/// <module>` a line) and their dependencies (`<module>: <dependency> …`).
+pub const MODULE_ALIASES: &str = "/etc/farmgate-modules.alias";
+/// See [`MODULE_ALIASES`].
+pub const MODULE_DEPS: &str = "/etc/farmgate-modules.dep";
+
+/// The `modalias` of every device under `<sys>/bus/*/devices/*`.
+fn device_modaliases(sys: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(buses) = std::fs::read_dir(sys.join("bus")) else {
+        return out;
+    };
+    for bus in buses.flatten() {
+        let Ok(devices) = std::fs::read_dir(bus.path().join("devices")) else {
+            continue;
+        };
+        for d in devices.flatten() {
+            if let Ok(a) = std::fs::read_to_string(d.path().join("modalias")) {
+                let a = a.trim();
+                if !a.is_empty() {
+                    out.push(a.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Which of the image's modules to load for the hardware present: those whose
+/// `modules.alias` pattern matches a device's `modalias`, with their dependencies.
+/// `None` when the image has no alias list (then every listed module is loaded).
+pub fn modules_for_hardware(
+    aliases_text: Option<&str>,
+    deps_text: &str,
+    modaliases: &[String],
+) -> Option<std::collections::BTreeSet<String>> {
+    let aliases_text = aliases_text?;
+    let mut wanted = std::collections::BTreeSet::new();
+    for line in aliases_text.lines() {
+        let mut w = line.split_whitespace();
+        let (Some(pattern), Some(module)) = (w.next(), w.next()) else {
+            continue;
+        };
+        let Ok(p) = glob::Pattern::new(pattern) else {
+            continue;
+        };
+        if modaliases.iter().any(|a| p.matches(a)) {
+            wanted.insert(module_name(module));
+        }
+    }
+    let deps: std::collections::HashMap<String, Vec<String>> = deps_text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(m, d)| {
+            (
+                module_name(m.trim()),
+                d.split_whitespace().map(module_name).collect(),
+            )
+        })
+        .collect();
+    let mut stack: Vec<String> = wanted.iter().cloned().collect();
+    while let Some(m) = stack.pop() {
+        for d in deps.get(&m).into_iter().flatten() {
+            if wanted.insert(d.clone()) {
+                stack.push(d.clone());
+            }
+        }
+    }
+    Some(wanted)
+}
+
+/// Loads the image's modules for the hardware present, as udev's cold plug does: the
+/// listed modules whose aliases match a device (with their dependencies), again while
+/// loading them makes new devices appear (a virtio NIC appears once `virtio_pci` is
+/// loaded); then the `insmods`. With `all`, or an image without alias list, every listed
+/// module is loaded (file systems, such as the cache's ext4, match no device).
+pub fn load_modules_for_hardware(
+    list: &Path,
+    sys: &Path,
+    modules_dir: &Path,
+    insmods: &[String],
+    all: bool,
+) -> ModulesLoaded {
+    let aliases = std::fs::read_to_string(MODULE_ALIASES).ok();
+    let deps = std::fs::read_to_string(MODULE_DEPS).unwrap_or_default();
+    if all || aliases.is_none() {
+        return load_modules(list, modules_dir, insmods);
+    }
+    let listed: Vec<PathBuf> = std::fs::read_to_string(list)
+        .map(|t| {
+            t.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = ModulesLoaded::default();
+    let mut tried = std::collections::BTreeSet::new();
+    for _round in 0..6 {
+        let Some(wanted) = modules_for_hardware(aliases.as_deref(), &deps, &device_modaliases(sys))
+        else {
+            break;
+        };
+        let mut progress = false;
+        for p in &listed {
+            let name = module_name(&p.to_string_lossy());
+            if !wanted.contains(&name) || !tried.insert(name.clone()) {
+                continue;
+            }
+            progress = true;
+            match load_module(p, "") {
+                Ok(true) => out.loaded.push(name),
+                Ok(false) => {}
+                Err(e) => out.problems.push(e),
+            }
+        }
+        if !progress {
+            break;
+        }
+    }
+    let extra = load_modules(Path::new("/nonexistent"), modules_dir, insmods);
+    out.loaded.extend(extra.loaded);
+    out.problems.extend(extra.problems);
+    out
+}
+
 /// Every uncompressed `*.ko` below `dir` (bounded depth).
 fn collect_module_files(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) {
     if depth > 8 {
@@ -332,6 +459,32 @@ mod tests {
         assert_eq!(module_name("virtio-net"), "virtio_net");
         assert_eq!(module_name("e1000e.ko.xz"), "e1000e");
         assert_eq!(module_name("ext4"), "ext4");
+    }
+
+    #[test]
+    fn modules_for_the_hardware_present_with_their_dependencies() {
+        let aliases = "pci:v00001AF4d00001000sv*sd*bc*sc*i* virtio_pci\n\
+                       virtio:d00000001v* virtio_net\n\
+                       pci:v00008086d000010D3sv*sd*bc*sc*i* e1000e\n\
+                       fs-ext4 ext4\n\
+                       [broken\n";
+        let deps = "virtio_pci: virtio_pci_modern_dev virtio_ring\nvirtio_net: net_failover virtio_ring\n\
+                    net_failover: failover\ne1000e:\n";
+        let present = vec!["pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00".to_string()];
+        let w = modules_for_hardware(Some(aliases), deps, &present).unwrap();
+        let w: Vec<&str> = w.iter().map(String::as_str).collect();
+        assert_eq!(
+            w,
+            vec!["virtio_pci", "virtio_pci_modern_dev", "virtio_ring"]
+        );
+        // Once virtio_pci is loaded, the virtio NIC appears and its driver is wanted.
+        let mut present = present;
+        present.push("virtio:d00000001v00001AF4".to_string());
+        let w = modules_for_hardware(Some(aliases), deps, &present).unwrap();
+        assert!(w.contains("virtio_net") && w.contains("failover"), "{w:?}");
+        assert!(!w.contains("e1000e") && !w.contains("ext4"), "{w:?}");
+        // No alias list in the image: no choice made.
+        assert!(modules_for_hardware(None, deps, &present).is_none());
     }
 
     #[test]

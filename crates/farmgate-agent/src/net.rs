@@ -313,7 +313,8 @@ impl Nl {
 }
 
 /// Waits until at least one interface whose name passes `filter` exists (polling netlink
-/// every 100 ms; a last look 300 ms later collects NICs probed together), and returns
+/// every 100 ms; when they had to be waited for, a last look 300 ms later collects NICs
+/// probed together; interfaces there at the first look are taken at once), and returns
 /// their names, sorted; empty when none appeared within `timeout`.
 pub async fn wait_for_interfaces(filter: impl Fn(&str) -> bool, timeout: Duration) -> Vec<String> {
     let deadline = Instant::now() + timeout;
@@ -331,8 +332,15 @@ pub async fn wait_for_interfaces(filter: impl Fn(&str) -> bool, timeout: Duratio
         names.sort();
         names
     };
+    let mut first = true;
     loop {
         let names = list();
+        if !names.is_empty() && first {
+            // There before we looked: their drivers were probed together (the modules
+            // loaded by the cold plug), nothing more is coming.
+            return names;
+        }
+        first = false;
         if !names.is_empty() {
             tokio::time::sleep_until(deadline.min(Instant::now() + Duration::from_millis(300)))
                 .await;

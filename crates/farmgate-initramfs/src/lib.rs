@@ -757,6 +757,18 @@ pub fn build_archive(
     kernel_version: &str,
     modules: &[(ResolvedModule, Vec<u8>)],
 ) -> Result<Archive, Error> {
+    build_archive_with_index(busybox, kernel_version, modules, None)
+}
+
+/// [`build_archive`], plus, with the modules' index, [`MODULE_ALIASES`] and
+/// [`MODULE_DEPS`] for the included modules: what an init needs to load only the
+/// modules of the hardware present (as udev's cold plug does).
+pub fn build_archive_with_index(
+    busybox: &[u8],
+    kernel_version: &str,
+    modules: &[(ResolvedModule, Vec<u8>)],
+    index: Option<&ModuleIndex>,
+) -> Result<Archive, Error> {
     let mut a = Archive::new();
     for d in [
         "dev", "proc", "sys", "etc", "mnt", "run", "sbin", "usr/bin", "usr/sbin",
@@ -784,8 +796,32 @@ pub fn build_archive(
         list.push('\n');
     }
     a.add_file("etc/farmgate-modules", 0o644, list.into_bytes())?;
+    if let Some(index) = index {
+        let names: std::collections::BTreeSet<String> =
+            modules.iter().map(|(m, _)| m.name.clone()).collect();
+        let mut aliases = String::new();
+        for (pattern, module) in index.aliases_of(&names) {
+            aliases.push_str(&format!("{pattern} {module}\n"));
+        }
+        a.add_file(MODULE_ALIASES, 0o644, aliases.into_bytes())?;
+        let mut deps = String::new();
+        for (m, _) in modules {
+            deps.push_str(&format!(
+                "{}: {}\n",
+                m.name,
+                index.direct_deps(&m.name).join(" ")
+            ));
+        }
+        a.add_file(MODULE_DEPS, 0o644, deps.into_bytes())?;
+    }
     Ok(a)
 }
+
+/// In the archive: `<pattern> <module>` a line, the `modules.alias` patterns of the
+/// included modules.
+pub const MODULE_ALIASES: &str = "etc/farmgate-modules.alias";
+/// In the archive: `<module>: <dependency> …` a line, for the included modules.
+pub const MODULE_DEPS: &str = "etc/farmgate-modules.dep";
 
 /// Builds `<out>/vmlinuz` and `<out>/initramfs.cpio.gz`.
 pub fn build(opts: &BuildOptions) -> Result<BuildSummary, Error> {
@@ -864,7 +900,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, Error> {
         mods.push((m.clone(), data));
     }
 
-    let mut archive = build_archive(&busybox, &kernel_version, &mods)?;
+    let mut archive = build_archive_with_index(&busybox, &kernel_version, &mods, Some(&index))?;
     let mut extra_files = Vec::new();
     for b in &opts.extra_binaries {
         extra_files.extend(match sysroot {

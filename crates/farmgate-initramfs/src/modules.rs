@@ -64,6 +64,8 @@ pub struct ModuleIndex {
     /// name → (path, dependency paths as listed)
     deps: HashMap<String, (String, Vec<String>)>,
     builtin: BTreeSet<String>,
+    /// `modules.alias`: (pattern, module name), in file order.
+    aliases: Vec<(String, String)>,
 }
 
 impl ModuleIndex {
@@ -115,11 +117,41 @@ impl ModuleIndex {
                 });
             }
         }
+        // `alias <pattern> <module>` lines; optional (a module directory without it only
+        // loses the hardware matching at boot).
+        let mut aliases = Vec::new();
+        if let Ok(t) = std::fs::read_to_string(dir.join("modules.alias")) {
+            for line in t.lines() {
+                let mut w = line.split_whitespace();
+                if let (Some("alias"), Some(pattern), Some(module)) = (w.next(), w.next(), w.next())
+                {
+                    aliases.push((pattern.to_string(), normalize_name(module)));
+                }
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             deps,
             builtin,
+            aliases,
         })
+    }
+
+    /// The `modules.alias` patterns of the modules in `names`, as `(pattern, module)`.
+    pub fn aliases_of(&self, names: &BTreeSet<String>) -> Vec<(String, String)> {
+        self.aliases
+            .iter()
+            .filter(|(_, m)| names.contains(m))
+            .cloned()
+            .collect()
+    }
+
+    /// The direct dependencies of module `name` (names), as `modules.dep` lists them.
+    pub fn direct_deps(&self, name: &str) -> Vec<String> {
+        self.deps
+            .get(&normalize_name(name))
+            .map(|(_, d)| d.iter().filter_map(|p| module_name_of(p)).collect())
+            .unwrap_or_default()
     }
 
     /// Whether `name` is built into the kernel.

@@ -334,10 +334,7 @@ async fn qemu_blank_port_enrolled_by_the_dut_agent_registration_and_check_mode()
     for t in &training {
         let log = gw.get_text(&format!("/api/v1/job/{t}/console.log")).await;
         assert!(log.contains("farm-agent: check passed"), "{log}");
-        assert!(
-            log.contains("farm-agent: starting as the machine's init"),
-            "{log}"
-        );
+        assert!(log.contains("starting as the machine's init"), "{log}");
     }
     gw.stop().await;
 }
@@ -444,7 +441,7 @@ async fn qemu_job_container_through_the_registry_cache_writes_into_the_share_dir
     // The image of `farmgate image build`: the agent is the machine's init and brought
     // the network up itself.
     for want in [
-        "farm-agent: starting as the machine's init",
+        "starting as the machine's init",
         "network eth0 10.42.0.",
         "machine ready",
     ] {

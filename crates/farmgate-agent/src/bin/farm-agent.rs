@@ -34,7 +34,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let pid1 = boot::is_pid1();
     if pid1 {
-        println!("farm-agent: starting as the machine's init");
+        println!(
+            "farm-agent: [{:.2} s] starting as the machine's init",
+            boot::uptime()
+        );
         for p in boot::early_mounts() {
             println!("farm-agent: {p}");
         }
@@ -164,10 +167,15 @@ struct Setup {
 async fn machine_setup(cfg: &cmdline::B2cConfig, mode: &Mode) -> Setup {
     let mut setup = Setup::default();
     let at = boot::uptime;
-    let m = boot::load_modules(
+    // File systems match no device: with a cache or a b2c.filesystem to mount, every
+    // module of the image is loaded; otherwise those of the hardware present.
+    let all = cfg.cache_device != cmdline::CacheDevice::None || !cfg.filesystems.is_empty();
+    let m = boot::load_modules_for_hardware(
         Path::new(boot::MODULE_LIST),
+        Path::new("/sys"),
         &boot::running_modules_dir(),
         &cfg.insmods,
+        all,
     );
     println!(
         "farm-agent: [{:.2} s] {} modules loaded{}",
