@@ -16,7 +16,7 @@ for pkg in gcc pkg-config curl python3 iproute2 \
     qemu-system-x86 ipxe-qemu ipxe busybox-static linux-image-amd64 \
     udhcpc isc-dhcp-client tftp-hpa dnsmasq-base ser2net python3-boto3 s3cmd \
     skopeo docker-registry podman crun openssl snmpd snmp chromium chromium-driver chrony \
-    e2fsprogs fdisk util-linux qemu-utils; do
+    e2fsprogs fdisk util-linux qemu-utils lz4; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

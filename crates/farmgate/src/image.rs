@@ -261,6 +261,8 @@ pub fn build(
         .extend(CACHE_TOOLS.iter().filter_map(|t| find_program(t)));
     opts.extra_binaries.extend(args.binaries.iter().cloned());
     opts.init = Some(agent);
+    // Unpacked at every boot: LZ4 unpacks twice as fast as gzip for 15% more bytes.
+    opts.compression = farmgate_initramfs::Compression::Lz4;
     let summary = farmgate_initramfs::build(&opts)?;
     publish(&out, arch, &gateway, args.append.as_deref(), summary)
 }
@@ -319,6 +321,8 @@ fn build_from_sysroot(
     );
     opts.extra_binaries.extend(args.binaries.iter().cloned());
     opts.init = Some(agent);
+    // Unpacked at every boot: LZ4 unpacks twice as fast as gzip for 15% more bytes.
+    opts.compression = farmgate_initramfs::Compression::Lz4;
     let summary = farmgate_initramfs::build(&opts)?;
     publish(out, arch, gateway, args.append.as_deref(), summary)
 }
