@@ -143,7 +143,11 @@ async fn run_container(
         timeout: env.pull_timeout,
         ..Default::default()
     };
-    println!("farm-agent: pulling {}", spec.image);
+    println!(
+        "farm-agent: [{:.2} s] pulling {}",
+        crate::boot::uptime(),
+        spec.image
+    );
     let config = crate::oci::pull(&image, &rootfs, &opts)
         .await
         .map_err(|e| e.to_string())?;
@@ -157,6 +161,11 @@ async fn run_container(
         bundle_dir: &bundle,
         name,
     };
+    println!(
+        "farm-agent: [{:.2} s] image ready, starting {}",
+        crate::boot::uptime(),
+        req.name
+    );
     crate::run::run(&req, &env.crun)
         .await
         .map_err(|e| e.to_string())
