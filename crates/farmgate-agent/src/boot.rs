@@ -159,15 +159,7 @@ pub struct ModulesLoaded {
 /// `insmods` by name, found among the listed files or under `modules_dir`.
 pub fn load_modules(list: &Path, modules_dir: &Path, insmods: &[String]) -> ModulesLoaded {
     let mut out = ModulesLoaded::default();
-    let listed: Vec<PathBuf> = std::fs::read_to_string(list)
-        .map(|t| {
-            t.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(PathBuf::from)
-                .collect()
-        })
-        .unwrap_or_default();
+    let listed = read_module_list(list);
     for p in &listed {
         match load_module(p, "") {
             Ok(true) => out.loaded.push(module_name(&p.to_string_lossy())),
@@ -288,15 +280,7 @@ pub fn load_modules_for_hardware(
     if all || aliases.is_none() {
         return load_modules(list, modules_dir, insmods);
     }
-    let listed: Vec<PathBuf> = std::fs::read_to_string(list)
-        .map(|t| {
-            t.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(PathBuf::from)
-                .collect()
-        })
-        .unwrap_or_default();
+    let listed = read_module_list(list);
     let mut out = ModulesLoaded::default();
     let mut tried = std::collections::BTreeSet::new();
     for _round in 0..6 {
@@ -325,6 +309,20 @@ pub fn load_modules_for_hardware(
     out.loaded.extend(extra.loaded);
     out.problems.extend(extra.problems);
     out
+}
+
+/// The module files the image lists (one path a line, dependency order); none when the
+/// list is missing.
+fn read_module_list(list: &Path) -> Vec<PathBuf> {
+    std::fs::read_to_string(list)
+        .map(|t| {
+            t.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Every uncompressed `*.ko` below `dir` (bounded depth).
