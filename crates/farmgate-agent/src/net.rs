@@ -400,6 +400,7 @@ pub async fn dhcp(iface: &str, timeout: Duration) -> Result<Lease, NetError> {
             secs: secs_since(),
             requested_ip: None,
             server_id: None,
+            ciaddr: None,
         };
         // A send error (no carrier yet…) is like a lost packet: retried.
         if let Err(e) = sock.send_to(&msg.encode(), server).await {
@@ -440,6 +441,7 @@ pub async fn dhcp(iface: &str, timeout: Duration) -> Result<Lease, NetError> {
                 secs: secs_since(),
                 requested_ip: Some(offer.address),
                 server_id: Some(offer.server),
+                ciaddr: None,
             };
             if let Err(e) = sock.send_to(&msg.encode(), server).await {
                 tracing::debug!("{iface}: sending DHCPREQUEST: {e}");
@@ -494,6 +496,110 @@ pub async fn dhcp(iface: &str, timeout: Duration) -> Result<Lease, NetError> {
                 format!(", {skipped} replies skipped, last: {last_skip}")
             },
         }),
+    }
+}
+
+/// Renews `lease` on `iface` (RFC 2131's REBINDING: a REQUEST with the address as
+/// `ciaddr`, broadcast, so that any server of the network may answer), returning the
+/// renewed lease; a NAK or silence within `timeout` is an error.
+pub async fn renew(iface: &str, lease: &Lease, timeout: Duration) -> Result<Lease, NetError> {
+    let deadline = Instant::now() + timeout;
+    let mut nl = Nl::new(iface)?;
+    let link = nl.link(iface)?;
+    let mac: [u8; 6] =
+        link.mac
+            .as_slice()
+            .try_into()
+            .ok()
+            .ok_or_else(|| NetError::BadHardwareAddress {
+                iface: iface.into(),
+                mac: link.mac.clone(),
+            })?;
+    drop(nl);
+    let sock = dhcp_socket(iface)?;
+    let server = SocketAddrV4::new(Ipv4Addr::BROADCAST, dhcp::SERVER_PORT);
+    let mut buf = vec![0u8; 4096];
+    let mut xid = new_xid(&mac);
+    let mut requests = 0u32;
+    while Instant::now() < deadline {
+        xid = xid.wrapping_add(1);
+        let msg = ClientMessage {
+            kind: MessageType::Request,
+            xid,
+            mac,
+            secs: 0,
+            requested_ip: None,
+            server_id: None,
+            ciaddr: Some(lease.address),
+        };
+        if let Err(e) = sock.send_to(&msg.encode(), server).await {
+            tracing::debug!("{iface}: sending the renewing DHCPREQUEST: {e}");
+        }
+        requests += 1;
+        let until = deadline.min(Instant::now() + Duration::from_secs(2));
+        loop {
+            match recv_reply(&sock, &mut buf, until, xid, &mac).await {
+                Recv::Timeout => break,
+                Recv::Skipped(_) => {}
+                Recv::Reply(r) if r.kind == MessageType::Ack => {
+                    if let Ok(mut l) = r.lease() {
+                        if r.server_id().is_none() {
+                            l.server = lease.server;
+                        }
+                        return Ok(l);
+                    }
+                }
+                Recv::Reply(r) if r.kind == MessageType::Nak => {
+                    return Err(NetError::NoAck {
+                        iface: iface.into(),
+                        server: r.server_id().unwrap_or(lease.server),
+                        address: lease.address,
+                        timeout,
+                        requests,
+                        naks: 1,
+                    });
+                }
+                Recv::Reply(_) => {}
+            }
+        }
+    }
+    Err(NetError::NoAck {
+        iface: iface.into(),
+        server: lease.server,
+        address: lease.address,
+        timeout,
+        requests,
+        naks: 0,
+    })
+}
+
+/// Keeps `lease` on `iface` for as long as the task runs: renewed at half its time (at
+/// least every 30 s), retried every 30 s when the renewal fails. Leases without a
+/// time (infinite) are left alone.
+pub async fn keep_lease(iface: String, mut lease: Lease) {
+    loop {
+        let Some(time) = lease.lease_time else {
+            return;
+        };
+        tokio::time::sleep((time / 2).max(Duration::from_secs(30))).await;
+        loop {
+            match renew(&iface, &lease, Duration::from_secs(10)).await {
+                Ok(l) => {
+                    if l.address != lease.address {
+                        println!(
+                            "farm-agent: {iface}: the DHCP server renewed with another address ({}, was {}): keeping the old one",
+                            l.address, lease.address
+                        );
+                    }
+                    lease.lease_time = l.lease_time;
+                    break;
+                }
+                Err(e) => {
+                    println!("farm-agent: renewing the DHCP lease: {e}");
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+            }
+        }
     }
 }
 

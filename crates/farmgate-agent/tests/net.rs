@@ -306,6 +306,42 @@ fn dhcp_from_dnsmasq_then_configure() {
 }
 
 #[test]
+fn a_lease_is_renewed_with_the_server() {
+    let mut lab = Lab::new();
+    lab.start_dnsmasq();
+    let leases_file = lab.dir.path().join("leases");
+    let expiry = |text: &str, addr: &str| -> u64 {
+        text.lines()
+            .find(|l| l.contains(addr))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("no lease of {addr} in {text:?}"))
+    };
+    let (lease, renewed, before) = lab
+        .in_client({
+            let leases_file = leases_file.clone();
+            async move || {
+                let lease = net::dhcp("eth0", Duration::from_secs(15)).await?;
+                net::configure("eth0", &IfaceConfig::from(&lease), None).await?;
+                let before = std::fs::read_to_string(&leases_file).unwrap_or_default();
+                // dnsmasq's lease file counts in seconds: let one go by.
+                tokio::time::sleep(Duration::from_millis(1100)).await;
+                let renewed = net::renew("eth0", &lease, Duration::from_secs(10)).await?;
+                Ok::<_, NetError>((lease, renewed, before))
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(renewed.address, lease.address, "{renewed:?}");
+    assert_eq!(renewed.lease_time, Some(Duration::from_secs(3600)));
+    let addr = lease.address.to_string();
+    let after = std::fs::read_to_string(&leases_file).unwrap_or_default();
+    assert!(
+        expiry(&after, &addr) > expiry(&before, &addr),
+        "the server did not extend the lease:\nbefore {before}\nafter {after}"
+    );
+}
+
+#[test]
 fn bring_up_defaults_to_dhcp_on_wired_interfaces() {
     let mut lab = Lab::new();
     lab.start_dnsmasq();

@@ -201,8 +201,12 @@ async fn machine_setup(cfg: &cmdline::B2cConfig, mode: &Mode) -> Setup {
         Ok(list) => {
             for c in &list {
                 println!("farm-agent: [{:.2} s] network {c}", at());
-                if let (None, net::Source::Dhcp(lease)) = (setup.dhcp_server, &c.source) {
-                    setup.dhcp_server = Some(std::net::IpAddr::V4(lease.server));
+                if let net::Source::Dhcp(lease) = &c.source {
+                    if setup.dhcp_server.is_none() {
+                        setup.dhcp_server = Some(std::net::IpAddr::V4(lease.server));
+                    }
+                    // Jobs outlive leases: renewed in the background.
+                    tokio::spawn(net::keep_lease(c.iface.clone(), lease.clone()));
                 }
             }
         }

@@ -45,6 +45,9 @@ pub struct ClientMessage {
     pub requested_ip: Option<Ipv4Addr>,
     /// REQUEST: the chosen server (option 54).
     pub server_id: Option<Ipv4Addr>,
+    /// `ciaddr`: the client's address, when it renews a lease it holds (RFC 2131
+    /// RENEWING/REBINDING: no options 50 and 54 then).
+    pub ciaddr: Option<Ipv4Addr>,
 }
 
 impl ClientMessage {
@@ -57,6 +60,9 @@ impl ClientMessage {
         b[XID_OFFSET..XID_OFFSET + 4].copy_from_slice(&self.xid.to_be_bytes());
         b[8..10].copy_from_slice(&self.secs.to_be_bytes());
         b[10..12].copy_from_slice(&FLAG_BROADCAST.to_be_bytes());
+        if let Some(ip) = self.ciaddr {
+            b[12..16].copy_from_slice(&ip.octets());
+        }
         b[CHADDR_OFFSET..CHADDR_OFFSET + 6].copy_from_slice(&self.mac);
         b[COOKIE_OFFSET..OPTIONS_OFFSET].copy_from_slice(&MAGIC_COOKIE);
         b.extend_from_slice(&[OPT_MESSAGE_TYPE, 1, self.kind.code()]);
@@ -312,6 +318,7 @@ mod tests {
             secs: 3,
             requested_ip: None,
             server_id: None,
+            ciaddr: None,
         }
         .encode();
         assert_eq!(d.len(), 300);
@@ -338,8 +345,25 @@ mod tests {
             secs: 0,
             requested_ip: Some(Ipv4Addr::new(10, 77, 0, 55)),
             server_id: Some(Ipv4Addr::new(10, 77, 0, 1)),
+            ciaddr: None,
         }
         .encode();
+        assert_eq!(&r[12..16], &[0, 0, 0, 0]);
+        // Renewing: ciaddr is the held address, no options 50/54.
+        let renew = ClientMessage {
+            kind: MessageType::Request,
+            xid: XID,
+            mac: MAC,
+            secs: 0,
+            requested_ip: None,
+            server_id: None,
+            ciaddr: Some(Ipv4Addr::new(10, 77, 0, 55)),
+        }
+        .encode();
+        assert_eq!(&renew[12..16], &[10, 77, 0, 55]);
+        let mut ropts = BTreeMap::new();
+        read_options(&renew[240..], 240, &mut ropts).expect("our own options parse");
+        assert!(!ropts.contains_key(&OPT_REQUESTED_IP) && !ropts.contains_key(&OPT_SERVER_ID));
         let mut opts = BTreeMap::new();
         read_options(&r[240..], 240, &mut opts).expect("our own options parse");
         assert_eq!(opts[&OPT_MESSAGE_TYPE], vec![3]);
