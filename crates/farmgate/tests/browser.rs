@@ -468,21 +468,28 @@ async fn job_page_shows_the_console_live_and_the_final_status() {
         None => Err(console_text(&c).await),
     })
     .await;
-    let text = console_text(&c).await;
-    assert!(text.contains("second line"), "{text}");
-    assert!(
-        text.contains("[farmgate]"),
-        "gateway messages shown:\n{text}"
-    );
     let j = wait_job_finished(&gw, &id).await;
     let status = j["status"].as_str().expect("finished job has a status");
     assert!(
         final_status.contains(status),
         "page says {final_status:?}, API says {status}"
     );
+    // The final status (REST) and the console's last line (the stream, rendered by
+    // xterm.js on its next frame) come by different ways: wait for the line.
+    let last_line = format!("job finished: {status}");
+    let text = wait_until(&gw, "the final line in the console", LIMIT, async || {
+        let t = console_text(&c).await;
+        if t.contains(&last_line) {
+            Ok(t)
+        } else {
+            Err(t)
+        }
+    })
+    .await;
+    assert!(text.contains("second line"), "{text}");
     assert!(
-        text.contains(&format!("job finished: {status}")),
-        "final status in the console:\n{text}"
+        text.contains("[farmgate]"),
+        "gateway messages shown:\n{text}"
     );
     let out = tokio::time::timeout(LIMIT, farmctl.wait_with_output())
         .await
