@@ -100,6 +100,45 @@ enum Command {
         #[command(subcommand)]
         command: PduCommand,
     },
+    /// Machines: list, enrol a new one, retire, activate.
+    Dut {
+        #[command(subcommand)]
+        command: DutCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DutCommand {
+    /// The farm's machines (as `farmctl duts`).
+    List,
+    /// Enrol the machine plugged into a PDU port (admin): the gateway powers the port,
+    /// the machine boots the default configuration and registers, is bound to the port,
+    /// trains, and becomes IDLE.
+    Discover {
+        /// The PDU the machine is plugged into.
+        #[arg(long)]
+        pdu: String,
+        /// Its port on that PDU.
+        #[arg(long)]
+        port: String,
+        /// Seconds the gateway waits for the machine to register.
+        #[arg(long, default_value_t = 150.0)]
+        timeout: f64,
+        /// Follow the machine until it is IDLE (exit 0), or until the discovery ends
+        /// without it or its training retires it (exit 1).
+        #[arg(short = 'w', long)]
+        wait: bool,
+    },
+    /// Retire a machine (admin).
+    Retire {
+        /// Machine id.
+        dut_id: String,
+    },
+    /// Bring a retired machine back, through a quick check (admin).
+    Activate {
+        /// Machine id.
+        dut_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -351,33 +390,122 @@ async fn run(client: &Client, command: Command) -> Result<u8, Failure> {
             ctrl(&format!("cancel requested for job {}", view.job_id));
             Ok(0)
         }
-        Command::Duts => {
-            let list: DutList = client
-                .json(client.req(reqwest::Method::GET, "/api/v1/duts"))
-                .await?;
-            println!(
-                "{:<20} {:<24} {:<12} {:<10} TAGS",
-                "ID", "NAME", "STATE", "PDU:PORT"
-            );
-            for (id, d) in list.duts {
-                println!(
-                    "{:<20} {:<24} {:<12} {:<10} {}",
-                    id,
-                    d.full_name,
-                    d.state.as_str(),
-                    format!(
-                        "{}:{}",
-                        d.record.pdu.as_deref().unwrap_or("-"),
-                        d.record.pdu_port_id.as_deref().unwrap_or("-")
-                    ),
-                    d.record.all_tags().collect::<Vec<_>>().join(",")
-                );
-            }
-            Ok(0)
-        }
+        Command::Duts
+        | Command::Dut {
+            command: DutCommand::List,
+        } => print_duts(client).await,
         Command::Pdu { command } => pdu_command(client, command).await,
+        Command::Dut {
+            command:
+                DutCommand::Discover {
+                    pdu,
+                    port,
+                    timeout,
+                    wait,
+                },
+        } => discover(client, &pdu, &port, timeout, wait).await,
+        Command::Dut {
+            command: DutCommand::Retire { dut_id },
+        } => set_retired(client, &dut_id, true).await,
+        Command::Dut {
+            command: DutCommand::Activate { dut_id },
+        } => set_retired(client, &dut_id, false).await,
         Command::Retire { dut_id } => set_retired(client, &dut_id, true).await,
         Command::Activate { dut_id } => set_retired(client, &dut_id, false).await,
+    }
+}
+
+/// `farmctl dut list`: one line a machine.
+async fn print_duts(client: &Client) -> Result<u8, Failure> {
+    let list: DutList = client
+        .json(client.req(reqwest::Method::GET, "/api/v1/duts"))
+        .await?;
+    println!(
+        "{:<20} {:<24} {:<12} {:<10} TAGS",
+        "ID", "NAME", "STATE", "PDU:PORT"
+    );
+    for (id, d) in list.duts {
+        println!(
+            "{:<20} {:<24} {:<12} {:<10} {}",
+            id,
+            d.full_name,
+            d.state.as_str(),
+            format!(
+                "{}:{}",
+                d.record.pdu.as_deref().unwrap_or("-"),
+                d.record.pdu_port_id.as_deref().unwrap_or("-")
+            ),
+            d.record.all_tags().collect::<Vec<_>>().join(",")
+        );
+    }
+    Ok(0)
+}
+
+/// `farmctl dut discover`: starts the discovery of a PDU port; with `wait`, follows the
+/// machine that registers there until it is IDLE.
+async fn discover(
+    client: &Client,
+    pdu: &str,
+    port: &str,
+    timeout: f64,
+    wait: bool,
+) -> Result<u8, Failure> {
+    use reqwest::Method;
+    let req = farmgate_wire::DiscoverRequest {
+        pdu: pdu.to_string(),
+        port_id: port.to_string(),
+        timeout: Some(timeout),
+    };
+    let state: farmgate_wire::DiscoverState = client
+        .json(client.req(Method::POST, "/api/v1/dut/discover").json(&req))
+        .await?;
+    ctrl(&format!(
+        "discovering {pdu} port {port}: the port is powered on; the machine has until {} to register",
+        rfc3339_short(state.deadline.as_deref())
+    ));
+    if !wait {
+        ctrl("it appears in `farmctl dut list` once registered");
+        return Ok(0);
+    }
+    let mut last: Option<(String, String)> = None;
+    loop {
+        let list: DutList = client.json(client.req(Method::GET, "/api/v1/duts")).await?;
+        let found = list.duts.iter().find(|(_, d)| {
+            d.record.pdu.as_deref() == Some(pdu) && d.record.pdu_port_id.as_deref() == Some(port)
+        });
+        if let Some((id, d)) = found {
+            let now = (id.clone(), d.state.as_str().to_string());
+            if last.as_ref() != Some(&now) {
+                ctrl(&format!("{} ({id}) is {}", d.full_name, now.1));
+                last = Some(now);
+            }
+            match d.state {
+                farmgate_wire::DutState::Idle => return Ok(0),
+                farmgate_wire::DutState::Retired => {
+                    return Err(fail(
+                        1,
+                        format!(
+                            "{} was retired (training failed?): see its jobs",
+                            d.full_name
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        } else {
+            let d: farmgate_wire::DiscoverState = client
+                .json(client.req(Method::GET, "/api/v1/dut/discover"))
+                .await?;
+            if d.pdu.is_none() {
+                return Err(fail(
+                    1,
+                    format!(
+                        "no machine registered on {pdu} port {port} within {timeout} s: the port is off again"
+                    ),
+                ));
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
 

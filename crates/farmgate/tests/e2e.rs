@@ -507,6 +507,42 @@ async fn new_machine_trains_then_serves() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn farmctl_dut_discover_says_when_no_machine_registers() {
+    // The default boot of the harness does not register: nothing ever appears.
+    let gw = Gateway::start(GatewayOptions::default()).await;
+    let r = gw
+        .farmctl_run_as(
+            ADMIN,
+            &[
+                "dut",
+                "discover",
+                "--pdu",
+                "SIM",
+                "--port",
+                "4",
+                "--timeout",
+                "2",
+                "--wait",
+            ],
+            LIMIT,
+        )
+        .await;
+    assert_eq!(r.code, Some(1), "{}", r.all());
+    assert!(
+        r.stderr
+            .contains("no machine registered on SIM port 4 within 2 s"),
+        "{}",
+        r.all()
+    );
+    // Without the admin token: refused, and said so.
+    let r = gw
+        .farmctl_run(&["dut", "discover", "--pdu", "SIM", "--port", "4"], LIMIT)
+        .await;
+    assert_ne!(r.code, Some(0), "{}", r.all());
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_enrolls_a_blank_port_which_registers_trains_and_serves() {
     // Port 3 is in no MaRS entry: the admin only knows which PDU port the new machine
     // is plugged into. The default boot configuration runs the (simulated)
@@ -531,10 +567,38 @@ async fn discovery_enrolls_a_blank_port_which_registers_trains_and_serves() {
     };
     let r = discover(SUBMIT).await.expect("POST discover");
     assert_eq!(r.status(), 403, "discovery is an admin action");
-    let r = discover(ADMIN).await.expect("POST discover");
-    assert!(r.status().is_success(), "{:?}", r.text().await);
 
-    // The machine powers up, registers, is bound to SIM port 3 and trains.
+    // What the admin types: the machine powers up, registers, is bound to SIM port 3
+    // and trains; farmctl follows it until it is IDLE.
+    let r = gw
+        .farmctl_run_as(
+            ADMIN,
+            &[
+                "dut",
+                "discover",
+                "--pdu",
+                "SIM",
+                "--port",
+                "3",
+                "--timeout",
+                "60",
+                "--wait",
+            ],
+            LIMIT,
+        )
+        .await;
+    assert_eq!(r.code, Some(0), "{}\n{}", r.all(), gw.logs());
+    assert!(r.all().contains("discovering SIM port 3"), "{}", r.all());
+    assert!(r.all().contains("is IDLE"), "{}", r.all());
+    let list = gw.farmctl_run(&["dut", "list"], LIMIT).await;
+    assert_eq!(list.code, Some(0), "{}", list.all());
+    assert!(
+        list.stdout
+            .lines()
+            .any(|l| l.starts_with(&mac(3)) && l.contains("IDLE") && l.contains("SIM:3")),
+        "{}",
+        list.all()
+    );
     let view = gw.wait_state(3, DutState::Idle, LIMIT).await;
     assert_eq!(view.record.pdu.as_deref(), Some("SIM"));
     assert_eq!(view.record.pdu_port_id.as_deref(), Some("3"));

@@ -342,15 +342,36 @@ async fn qemu_blank_port_enrolled_by_the_dut_agent_registration_and_check_mode()
 /// Discovers QEMU port `port` (blank machine) and waits until its DUT is IDLE, bound to
 /// that port.
 async fn discover_qemu_port_until_idle(gw: &Gateway, port: u32) -> farmgate_wire::DutView {
+    // What the admin types: `farmctl dut discover … --wait` returns once the machine
+    // registered, trained and is IDLE.
+    let port_s = port.to_string();
     let r = gw
-        .http
-        .post(format!("{}/api/v1/dut/discover", gw.url()))
-        .bearer_auth(ADMIN)
-        .json(&serde_json::json!({"pdu": "QEMU", "port_id": port, "timeout": 240}))
-        .send()
-        .await
-        .expect("POST discover");
-    assert!(r.status().is_success(), "{:?}", r.text().await);
+        .farmctl_run_as(
+            ADMIN,
+            &[
+                "dut",
+                "discover",
+                "--pdu",
+                "QEMU",
+                "--port",
+                &port_s,
+                "--timeout",
+                "240",
+                "--wait",
+            ],
+            LIMIT,
+        )
+        .await;
+    assert_eq!(r.code, Some(0), "{}\n{}", r.all(), gw.logs());
+    assert!(r.stderr.contains("is IDLE"), "{}", r.all());
+    let list = gw.farmctl_run(&["dut", "list"], LIMIT).await;
+    assert!(
+        list.stdout.lines().any(|l| l.starts_with(&qemu_mac(port))
+            && l.contains("IDLE")
+            && l.contains(&format!("QEMU:{port}"))),
+        "{}",
+        list.all()
+    );
     let view = gw
         .wait_dut_id(&qemu_mac(port), "IDLE", LIMIT, |d| {
             d.state == DutState::Idle
