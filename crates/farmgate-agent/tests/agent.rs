@@ -65,7 +65,7 @@ async fn setup() -> Option<Setup> {
         return None;
     }
     let reg = DockerRegistry::start().await;
-    reg.push_image("test/box", "v1", &busybox_image()).await;
+    push_image(&reg, "test/box", "v1", &busybox_image()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let crun = crun_wrapper(dir.path());
     let storage = dir.path().join("storage");

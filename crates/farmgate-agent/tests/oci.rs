@@ -192,7 +192,7 @@ async fn chroot(root: &Path, args: &[&str]) -> String {
 async fn pulls_a_two_layer_image_into_a_usable_rootfs() {
     let reg = DockerRegistry::start().await;
     let img = test_image();
-    let digest = reg.push_image("test/app", "v1", &img).await;
+    let digest = push_image(&reg, "test/app", "v1", &img).await;
     let work = tempfile::tempdir().expect("temp dir");
     let dest = work.path().join("rootfs");
     let cfg = pull(
@@ -249,7 +249,7 @@ async fn picks_the_platform_from_a_manifest_list() {
     let (amd, arm) = (arch_image("amd64"), arch_image("arm64"));
     let mut entries = Vec::new();
     for (img, arch, variant) in [(&amd, "amd64", None), (&arm, "arm64", Some("v8"))] {
-        let d = reg.push_image("multi/app", arch, img).await;
+        let d = push_image(&reg, "multi/app", arch, img).await;
         let mut platform = serde_json::json!({"os": "linux", "architecture": arch});
         if let Some(v) = variant {
             platform["variant"] = v.into();
@@ -311,7 +311,7 @@ async fn picks_the_platform_from_a_manifest_list() {
 async fn pulls_through_the_registry_cache() {
     let reg = DockerRegistry::start().await;
     let img = test_image();
-    let digest = reg.push_image("test/app", "v1", &img).await;
+    let digest = push_image(&reg, "test/app", "v1", &img).await;
     let cache = CacheServer::start("upstream.test", format!("http://127.0.0.1:{}", reg.port)).await;
     let r = format!(
         "docker://127.0.0.1:{}/upstream.test/test/app:v1",
@@ -350,7 +350,7 @@ async fn pulls_through_the_registry_cache() {
 async fn blob_cache_avoids_fetching_layers_again() {
     let reg = DockerRegistry::start().await;
     let img = test_image();
-    reg.push_image("test/app", "v1", &img).await;
+    push_image(&reg, "test/app", "v1", &img).await;
     let work = tempfile::tempdir().expect("temp dir");
     let o = PullOptions {
         blob_cache: Some(work.path().join("blobs")),
@@ -465,7 +465,7 @@ async fn hostile_layers_never_write_outside_dest() {
             false,
         );
         let repo = format!("hostile/{name}");
-        reg.push_image(&repo, "v1", &img).await;
+        push_image(&reg, &repo, "v1", &img).await;
         let dest = work.path().join("dests").join(name);
         let r = pull(&format!("127.0.0.1:{}/{repo}:v1", reg.port), &dest, &opts()).await;
         match (expect, r) {

@@ -55,7 +55,7 @@ fn main() {
         .expect("tokio runtime");
     rt.block_on(async {
         let image = Image::build(LAYER, 65);
-        let upstream = DockerRegistry::start(None).await;
+        let upstream = DockerRegistry::start().await;
         image.push(upstream.port, "test/app", "v1").await;
         let mut rows = Vec::new();
         for round in 1..=ROUNDS {
@@ -79,7 +79,7 @@ fn main() {
             {
                 let proxy = CountingProxy::start(upstream.port, None).await;
                 let mirror =
-                    DockerRegistry::start(Some(&format!("http://127.0.0.1:{}", proxy.port))).await;
+                    DockerRegistry::start_proxy(&format!("http://127.0.0.1:{}", proxy.port)).await;
                 let (ok, secs) = pulls(mirror.port, "test/app:v1", &image).await;
                 rows.push(Row {
                     round,

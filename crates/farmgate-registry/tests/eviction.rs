@@ -47,7 +47,7 @@ fn exists(p: &Path) -> bool {
 }
 
 async fn upstream_with(images: &[(&str, &Image)]) -> DockerRegistry {
-    let upstream = DockerRegistry::start(None).await;
+    let upstream = DockerRegistry::start().await;
     for (repo, image) in images {
         image.push(upstream.port, repo, "v1").await;
     }

@@ -144,7 +144,7 @@ fn diff_id(image: &Image) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn podman_pulls_through_cache() {
-    let upstream = DockerRegistry::start(None).await;
+    let upstream = DockerRegistry::start().await;
     let image = Image::build(1 << 20, 50);
     image.push(upstream.port, "test/app", "v1").await;
     let cache = CacheServer::start(

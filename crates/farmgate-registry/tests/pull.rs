@@ -18,7 +18,7 @@ fn manifest_requests(reg: &DockerRegistry) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_pull_through_cache_then_hit() {
-    let upstream = DockerRegistry::start(None).await;
+    let upstream = DockerRegistry::start().await;
     let image = Image::build(1 << 20, 1);
     image.push(upstream.port, "test/app", "v1").await;
     let pushed_manifest_requests = manifest_requests(&upstream);
@@ -92,7 +92,7 @@ async fn skopeo_pull_through_cache_then_hit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_cold_pulls_fetch_each_blob_once() {
-    let upstream = DockerRegistry::start(None).await;
+    let upstream = DockerRegistry::start().await;
     let image = Image::build(8 << 20, 2);
     image.push(upstream.port, "test/app", "v1").await;
     // Throttled to ~16 MiB/s so the pulls overlap the download.

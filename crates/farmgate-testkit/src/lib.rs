@@ -20,10 +20,14 @@
 //! Commands separated by `;`: `print <text>`, `sleep <ms>`, `poweroff`, `reboot`,
 //! `panic`, `hang`, `echo_input`, `register` (see [`script::Step`]). Without one, the machine runs
 //! [`script::DEFAULT_SCRIPT`].
+//!
+//! Also the fixtures several crates' tests share: [`ports`] (free ports below the
+//! ephemeral range) and [`registry`] (a real `docker-registry` on loopback).
 
 mod console;
 mod machine;
 pub mod ports;
+pub mod registry;
 pub mod script;
 
 use std::collections::BTreeMap;

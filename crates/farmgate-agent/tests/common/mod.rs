@@ -7,178 +7,21 @@
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use sha2::{Digest as _, Sha256};
+pub use farmgate_testkit::registry::{DockerRegistry, sha256_digest};
 
-pub const DOCKER_REGISTRY: &str = "/usr/bin/docker-registry";
-
-pub fn sha256_digest(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(b)))
-}
-
-/// Waits (bounded) until GET http://127.0.0.1:port/v2/ answers.
-pub async fn wait_http(port: u16, what: &str) {
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = client
-            .get(format!("http://127.0.0.1:{port}/v2/"))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            && (r.status().is_success() || r.status().as_u16() == 401)
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} on port {port} did not come up within 20 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+/// Pushes `image`'s blobs and manifest as `repo:tag` into `reg`; returns the manifest
+/// digest.
+pub async fn push_image(reg: &DockerRegistry, repo: &str, tag: &str, image: &Image) -> String {
+    reg.push_blob(repo, &image.config).await;
+    for l in &image.layers {
+        reg.push_blob(repo, &l.blob).await;
     }
-}
-
-/// A `docker-registry serve` process with storage in a temp dir; killed on drop.
-pub struct DockerRegistry {
-    child: Child,
-    pub port: u16,
-    pub log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl DockerRegistry {
-    pub async fn start() -> DockerRegistry {
-        assert!(
-            Path::new(DOCKER_REGISTRY).exists(),
-            "{DOCKER_REGISTRY} is missing: apt-get install docker-registry"
-        );
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = farmgate_testkit::ports::free_port();
-        let cfg = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
-             storage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: 127.0.0.1:{port}\n",
-            dir.path().join("storage").display()
-        );
-        let cfg_path = dir.path().join("config.yml");
-        std::fs::write(&cfg_path, cfg).expect("writing registry config");
-        let log = dir.path().join("registry.log");
-        let logf = std::fs::File::create(&log).expect("creating registry log");
-        let child = Command::new(DOCKER_REGISTRY)
-            .arg("serve")
-            .arg(&cfg_path)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().expect("log clone"))
-            .stderr(logf)
-            .spawn()
-            .expect("starting docker-registry");
-        let reg = DockerRegistry {
-            child,
-            port,
-            log,
-            _dir: dir,
-        };
-        wait_http(port, "docker-registry").await;
-        reg
-    }
-
-    /// Access-log lines containing `needle`.
-    pub fn count_log(&self, needle: &str) -> usize {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    /// Pushes a blob (monolithic upload); returns its digest.
-    pub async fn push_blob(&self, repo: &str, bytes: &[u8]) -> String {
-        let digest = sha256_digest(bytes);
-        let c = reqwest::Client::new();
-        let r = c
-            .post(format!(
-                "http://127.0.0.1:{}/v2/{repo}/blobs/uploads/",
-                self.port
-            ))
-            .send()
-            .await
-            .expect("starting an upload");
-        assert_eq!(r.status().as_u16(), 202, "upload start: {r:?}");
-        let loc = r
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .expect("upload location")
-            .to_owned();
-        let loc = if loc.starts_with('/') {
-            format!("http://127.0.0.1:{}{loc}", self.port)
-        } else {
-            loc
-        };
-        let sep = if loc.contains('?') { '&' } else { '?' };
-        let r = c
-            .put(format!("{loc}{sep}digest={digest}"))
-            .header("content-type", "application/octet-stream")
-            .body(bytes.to_vec())
-            .send()
-            .await
-            .expect("uploading a blob");
-        assert_eq!(
-            r.status().as_u16(),
-            201,
-            "blob upload: {:?}",
-            r.text().await
-        );
-        digest
-    }
-
-    /// Pushes a manifest under `reference`; returns its digest.
-    pub async fn push_manifest(
-        &self,
-        repo: &str,
-        reference: &str,
-        media_type: &str,
-        bytes: &[u8],
-    ) -> String {
-        let r = reqwest::Client::new()
-            .put(format!(
-                "http://127.0.0.1:{}/v2/{repo}/manifests/{reference}",
-                self.port
-            ))
-            .header("content-type", media_type)
-            .body(bytes.to_vec())
-            .send()
-            .await
-            .expect("pushing a manifest");
-        assert_eq!(
-            r.status().as_u16(),
-            201,
-            "manifest push: {:?}",
-            r.text().await
-        );
-        sha256_digest(bytes)
-    }
-
-    /// Pushes `image`'s blobs and manifest as `repo:tag`; returns the manifest digest.
-    pub async fn push_image(&self, repo: &str, tag: &str, image: &Image) -> String {
-        self.push_blob(repo, &image.config).await;
-        for l in &image.layers {
-            self.push_blob(repo, &l.blob).await;
-        }
-        self.push_manifest(repo, tag, image.manifest_type(), &image.manifest)
-            .await
-    }
-}
-
-impl Drop for DockerRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    reg.push_manifest(repo, tag, image.manifest_type(), &image.manifest)
+        .await
 }
 
 /// One tar entry, written as a raw ustar header (so hostile names can be made).

@@ -6,10 +6,10 @@
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use farmgate_registry::{RegistryCache, RegistryConfig, Upstream};
 use sha2::{Digest as _, Sha256};
@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub const SKOPEO: &str = "/usr/bin/skopeo";
-pub const DOCKER_REGISTRY: &str = "/usr/bin/docker-registry";
+use farmgate_testkit::registry::DOCKER_REGISTRY;
 
 /// Fails with the Debian package names when the real clients are missing.
 pub fn need_tools() {
@@ -34,142 +34,8 @@ pub fn sha256_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
-pub use farmgate_testkit::ports::free_port;
-
-/// Waits (bounded) until GET http://127.0.0.1:port/v2/ answers.
-pub async fn wait_http(port: u16, what: &str) {
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = client
-            .get(format!("http://127.0.0.1:{port}/v2/"))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            && (r.status().is_success() || r.status().as_u16() == 401)
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} on port {port} did not come up within 20 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Waits (bounded) until GET https://127.0.0.1:port/v2/ answers, trusting `ca_pem`.
-pub async fn wait_https(port: u16, ca_pem: &[u8], what: &str) {
-    let ca = reqwest::Certificate::from_pem(ca_pem).expect("test CA is PEM");
-    let client = reqwest::Client::builder()
-        .add_root_certificate(ca)
-        .build()
-        .expect("https client");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let last = match client
-            .get(format!("https://127.0.0.1:{port}/v2/"))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-        {
-            Ok(r) if r.status().is_success() || r.status().as_u16() == 401 => return,
-            Ok(r) => format!("status {}", r.status()),
-            Err(e) => format!("{e:?}"),
-        };
-        assert!(
-            Instant::now() < deadline,
-            "{what} on port {port} did not come up within 20 s (last: {last})"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A `docker-registry serve` process with filesystem storage in a temp dir; killed on drop.
-pub struct DockerRegistry {
-    child: Child,
-    pub port: u16,
-    pub log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl DockerRegistry {
-    /// Starts a plain registry, or a pull-through proxy of `proxy_of` (a URL).
-    pub async fn start(proxy_of: Option<&str>) -> DockerRegistry {
-        Self::start_inner(proxy_of, None).await
-    }
-
-    /// Starts a plain registry serving HTTPS with `cert`/`key` (PEM files); `ca_pem` is the
-    /// CA that signed `cert`, used to wait for it.
-    pub async fn start_tls(cert: &Path, key: &Path, ca_pem: &[u8]) -> DockerRegistry {
-        Self::start_inner(None, Some((cert, key, ca_pem))).await
-    }
-
-    async fn start_inner(
-        proxy_of: Option<&str>,
-        tls: Option<(&Path, &Path, &[u8])>,
-    ) -> DockerRegistry {
-        need_tools();
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let storage = dir.path().join("storage");
-        let mut cfg = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
-             storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-             http:\n  addr: 127.0.0.1:{port}\n",
-            storage.display()
-        );
-        if let Some((cert, key, _)) = tls {
-            cfg.push_str(&format!(
-                "  tls:\n    certificate: {}\n    key: {}\n",
-                cert.display(),
-                key.display()
-            ));
-        }
-        if let Some(remote) = proxy_of {
-            cfg.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
-        }
-        let cfg_path = dir.path().join("config.yml");
-        std::fs::write(&cfg_path, cfg).expect("writing registry config");
-        let log = dir.path().join("registry.log");
-        let logf = std::fs::File::create(&log).expect("creating registry log");
-        let child = Command::new(DOCKER_REGISTRY)
-            .arg("serve")
-            .arg(&cfg_path)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().expect("log clone"))
-            .stderr(logf)
-            .spawn()
-            .expect("starting docker-registry");
-        let reg = DockerRegistry {
-            child,
-            port,
-            log,
-            _dir: dir,
-        };
-        match tls {
-            None => wait_http(port, "docker-registry").await,
-            Some((_, _, ca)) => wait_https(port, ca, "docker-registry (TLS)").await,
-        }
-        reg
-    }
-
-    /// Access-log lines containing `needle` (e.g. `"GET /v2/test/app/blobs/sha256:...`).
-    pub fn count_log(&self, needle: &str) -> usize {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-}
-
-impl Drop for DockerRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+#[allow(unused_imports)] // not every test binary starts a registry
+pub use farmgate_testkit::registry::DockerRegistry;
 
 /// A TCP proxy on a loopback port counting the bytes sent from the target to clients,
 /// optionally throttled to `rate` bytes per second per connection.

@@ -842,52 +842,14 @@ pub fn busybox_oci_layout(dir: &std::path::Path) {
 }
 
 /// Debian's docker-registry on a loopback port, killed on drop.
-pub struct Upstream {
-    pub port: u16,
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-}
+pub type Upstream = farmgate_testkit::registry::DockerRegistry;
 
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// A docker-registry holding `test/box:v1` (busybox, built by [`busybox_oci_layout`]
+/// and copied in with skopeo).
 pub async fn upstream_with_busybox_image() -> Upstream {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let config = dir.path().join("config.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.path().join("data").display()
-        ),
-    )
-    .expect("config");
-    let child = std::process::Command::new("/usr/bin/docker-registry")
-        .arg("serve")
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("docker-registry (scripts/setup.sh installs it)");
-    let up = Upstream {
-        port,
-        child,
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reqwest::get(format!("http://127.0.0.1:{port}/v2/"))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "docker-registry did not start");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let layout = up._dir.path().join("layout");
+    let up = Upstream::start().await;
+    let port = up.port;
+    let layout = up.scratch_dir().join("layout");
     busybox_oci_layout(&layout);
     let out = std::process::Command::new("skopeo")
         .args(["copy", "--insecure-policy", "--dest-tls-verify=false"])
