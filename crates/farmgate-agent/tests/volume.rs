@@ -3,62 +3,23 @@
 //! unusual key names, a 20 MiB round trip, pagination; checked with the store's own API
 //! and boto3.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use farmgate_agent::cmdline::{Trigger, parse};
 use farmgate_agent::volume::{PayloadSigning, SyncReport, VolumeError, VolumeMirror};
-use farmgate_s3::{Credentials, S3Config, S3Store, new_credentials};
+use farmgate_s3::{Credentials, new_credentials};
 
 /// Bound of a whole test.
 const TEST_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn admin() -> Credentials {
-    Credentials {
-        access_key: "FGADMINKEY0000000000".into(),
-        secret_key: "adminsecretadminsecretadminsecretadminse".into(),
-    }
-}
+/// The gateway's S3 test fixtures (the store served on loopback, the admin key).
+#[path = "../../farmgate-s3/tests/common/mod.rs"]
+mod s3common;
 
-/// The store served on 127.0.0.1; stops when dropped.
-struct Server {
-    store: S3Store,
-    addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-    _root: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+use s3common::{Server, admin};
 
 impl Server {
-    async fn start() -> Server {
-        let root = tempfile::tempdir().expect("temp dir");
-        let store = S3Store::open(S3Config::new(root.path(), admin())).expect("open the store");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local address");
-        let router = store.router();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
-        Server {
-            store,
-            addr,
-            task,
-            _root: root,
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
     /// The mirror of `b2c.volume="vol,<opts>"` with alias `job` using `creds`.
     fn mirror(&self, creds: &Credentials, opts: &str, dir: &Path) -> VolumeMirror {
         let cmdline = format!(
@@ -160,7 +121,7 @@ fn copied(r: &SyncReport) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_nested_bucket_then_push_changes_with_overwrite_and_remove() {
     bounded(async {
-        let server = Server::start().await;
+        let server = Server::start_temp().await;
         server.store.create_bucket("job-bucket-1").expect("bucket");
         let objects: &[(&str, &[u8])] = &[
             ("a.txt", b"alpha"),
@@ -238,7 +199,7 @@ async fn pull_nested_bucket_then_push_changes_with_overwrite_and_remove() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_overwrite_and_remove_nothing_is_replaced_or_deleted() {
     bounded(async {
-        let server = Server::start().await;
+        let server = Server::start_temp().await;
         server.store.create_bucket("bkt-one").expect("bucket");
         server
             .store
@@ -294,7 +255,7 @@ async fn without_overwrite_and_remove_nothing_is_replaced_or_deleted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn excludes_and_prefix_are_honoured_both_ways() {
     bounded(async {
-        let server = Server::start().await;
+        let server = Server::start_temp().await;
         server.store.create_bucket("bkt-two").expect("bucket");
         server
             .store
@@ -341,7 +302,7 @@ async fn excludes_and_prefix_are_honoured_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_are_pushed_while_the_pipeline_runs() {
     bounded(async {
-        let server = Server::start().await;
+        let server = Server::start_temp().await;
         server.store.create_bucket("bkt-three").expect("bucket");
         server.store.put_object("bkt-three", "input.txt", b"in").expect("put");
         let vol = tempfile::tempdir().expect("temp dir");
@@ -403,7 +364,7 @@ async fn changes_are_pushed_while_the_pipeline_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restricted_key_works_on_its_bucket_and_is_refused_elsewhere() {
     bounded(async {
-        let server = Server::start().await;
+        let server = Server::start_temp().await;
         server.store.create_bucket("job-bucket-7").expect("bucket");
         server.store.create_bucket("other-bucket").expect("bucket");
         server
@@ -478,7 +439,7 @@ async fn restricted_key_works_on_its_bucket_and_is_refused_elsewhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_mib_round_trip_and_expiration() {
     bounded(async {
-        let server = Server::start().await;
+        let server = Server::start_temp().await;
         server.store.create_bucket("big").expect("bucket");
         let vol = tempfile::tempdir().expect("temp dir");
         let dir = vol.path().join("v");
@@ -538,7 +499,7 @@ async fn twenty_mib_round_trip_and_expiration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listings_longer_than_one_page_are_followed() {
     bounded(async {
-        let server = Server::start().await;
+        let server = Server::start_temp().await;
         server.store.create_bucket("many").expect("bucket");
         for i in 0..1105 {
             server

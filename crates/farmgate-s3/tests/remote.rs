@@ -2,25 +2,19 @@
 //! run as `python3 -m moto.server`). Clients (aws-cli, boto3, raw HTTP) talk to the
 //! gateway; the objects are checked in moto with boto3 pointed directly at it.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use farmgate_s3::sigv4;
-use farmgate_s3::{Credentials, RemoteStore, S3Config, S3Error, S3Store, new_credentials};
+mod common;
 
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+use common::{Aws, Server, admin};
+use farmgate_s3::sigv4;
+use farmgate_s3::{Credentials, RemoteStore, S3Config, S3Error, new_credentials};
+
 const INSTALL: &str = "install moto, boto3 and aws-cli with \
     `python3 -m pip install 'moto[server]' boto3 awscli`";
-
-fn admin() -> Credentials {
-    Credentials {
-        access_key: "FGADMINKEY0000000000".into(),
-        secret_key: "adminsecretadminsecretadminsecretadminse".into(),
-    }
-}
 
 /// The credentials of the external store (moto accepts any).
 fn store_creds() -> Credentials {
@@ -38,10 +32,8 @@ struct Moto {
 
 impl Moto {
     async fn start(dir: &Path) -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("pick a free port")
-            .port();
+        // Below the ephemeral range: no outgoing connection can take it meanwhile.
+        let port = farmgate_testkit::ports::free_port();
         let log = std::fs::File::create(dir.join(format!("moto-{port}.log"))).expect("moto log");
         let err = log.try_clone().expect("clone log handle");
         let child = match Command::new("python3")
@@ -103,142 +95,21 @@ impl Drop for Moto {
     }
 }
 
-/// The gateway in remote mode on 127.0.0.1 (OS-assigned port); stops when dropped.
-struct Gateway {
-    store: S3Store,
-    addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
+/// The gateway in remote mode on 127.0.0.1, in front of the store at `store_url`.
+async fn gateway(root: &Path, store_url: &str) -> Server {
+    let mut cfg = S3Config::new(root, admin());
+    cfg.remote = Some(RemoteStore {
+        url: store_url.to_string(),
+        region: "us-east-1".into(),
+        creds: store_creds(),
+    });
+    Server::serve(cfg).await
 }
 
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Gateway {
-    async fn start(root: &Path, store_url: &str) -> Gateway {
-        let mut cfg = S3Config::new(root, admin());
-        cfg.remote = Some(RemoteStore {
-            url: store_url.to_string(),
-            region: "us-east-1".into(),
-            creds: store_creds(),
-        });
-        let store = S3Store::open(cfg).expect("open the store in remote mode");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local address");
-        let router = store.router();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
-        Gateway { store, addr, task }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-async fn run(program: &str, args: &[&str], envs: &[(&str, String)]) -> Output {
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args).kill_on_drop(true).stdin(Stdio::null());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    for k in ["AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"] {
-        cmd.env_remove(k);
-    }
-    match tokio::time::timeout(CLIENT_TIMEOUT, cmd.output()).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => panic!("running {program}: {e}: {INSTALL}"),
-        Err(_) => panic!("{program} {args:?} did not finish within {CLIENT_TIMEOUT:?}"),
-    }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// aws-cli and boto3 for one endpoint (the gateway, or moto itself) and one key.
-struct Aws {
-    endpoint: String,
-    creds: Credentials,
-    config: PathBuf,
-}
-
-impl Aws {
-    fn new(endpoint: &str, creds: Credentials, dir: &Path) -> Aws {
-        let config = dir.join(format!("aws-config-{}", creds.access_key));
-        std::fs::write(
-            &config,
-            "[default]\nregion = us-east-1\ns3 =\n    addressing_style = path\n    signature_version = s3v4\n",
-        )
-        .expect("write aws config");
-        Aws {
-            endpoint: endpoint.to_string(),
-            creds,
-            config,
-        }
-    }
-
-    fn envs(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ACCESS_KEY_ID", self.creds.access_key.clone()),
-            ("AWS_SECRET_ACCESS_KEY", self.creds.secret_key.clone()),
-            ("AWS_CONFIG_FILE", self.config.display().to_string()),
-            (
-                "AWS_SHARED_CREDENTIALS_FILE",
-                self.config.with_extension("nocreds").display().to_string(),
-            ),
-            ("AWS_DEFAULT_REGION", "us-east-1".into()),
-            ("AWS_EC2_METADATA_DISABLED", "true".into()),
-            ("S3_ENDPOINT", self.endpoint.clone()),
-        ]
-    }
-
-    async fn run(&self, args: &[&str]) -> Output {
-        let mut all = vec!["--endpoint-url", self.endpoint.as_str()];
-        all.extend_from_slice(args);
-        run("aws", &all, &self.envs()).await
-    }
-
-    async fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args).await;
-        assert!(out.status.success(), "aws {args:?} failed:\n{}", text(&out));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    async fn fails(&self, args: &[&str], code: &str) {
-        let out = self.run(args).await;
-        let all = text(&out);
-        assert!(!out.status.success(), "aws {args:?} should fail:\n{all}");
-        assert!(
-            all.contains(code),
-            "aws {args:?} should fail with {code}:\n{all}"
-        );
-    }
-
-    /// Runs a Python script with boto3; `s3` is a client for this endpoint and key
-    /// (no retries, so errors show at once).
-    async fn boto3(&self, script: &str) -> String {
-        let full = format!(
-            "import os, boto3\nfrom botocore.config import Config\n\
-             from botocore.exceptions import ClientError\n\
-             s3 = boto3.client('s3', endpoint_url=os.environ['S3_ENDPOINT'], \
-             config=Config(s3={{'addressing_style': 'path'}}, retries={{'max_attempts': 1}}))\n\
-             {script}"
-        );
-        let out = run("python3", &["-c", &full], &self.envs()).await;
-        assert!(out.status.success(), "boto3 script failed:\n{}", text(&out));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
+/// aws-cli and boto3 for one endpoint (the gateway, or moto itself) and one key; boto3
+/// without retries, so errors show at once.
+fn clients(endpoint: &str, creds: Credentials, dir: &Path) -> Aws {
+    Aws::new(endpoint, creds, dir, INSTALL).boto3_no_retries()
 }
 
 fn pattern(len: usize, seed: u32) -> Vec<u8> {
@@ -257,9 +128,9 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
 async fn admin_objects_go_to_the_external_store() {
     let dir = tempfile::tempdir().expect("tempdir");
     let moto = Moto::start(dir.path()).await;
-    let gw = Gateway::start(&dir.path().join("root"), &moto.url).await;
-    let aws = Aws::new(&gw.endpoint(), admin(), dir.path());
-    let direct = Aws::new(&moto.url, store_creds(), dir.path());
+    let gw = gateway(&dir.path().join("root"), &moto.url).await;
+    let aws = clients(&gw.endpoint(), admin(), dir.path());
+    let direct = clients(&moto.url, store_creds(), dir.path());
 
     aws.ok(&["s3", "mb", "s3://alpha"]).await;
     // 13 MiB: aws-cli uploads it in two parts (8 MiB threshold and part size).
@@ -399,8 +270,8 @@ print(hashlib.sha256(s3.get_object(Bucket='alpha', Key='dir/big.bin')['Body'].re
 async fn restricted_key_only_reaches_its_bucket_in_the_store() {
     let dir = tempfile::tempdir().expect("tempdir");
     let moto = Moto::start(dir.path()).await;
-    let gw = Gateway::start(&dir.path().join("root"), &moto.url).await;
-    let direct = Aws::new(&moto.url, store_creds(), dir.path());
+    let gw = gateway(&dir.path().join("root"), &moto.url).await;
+    let direct = clients(&moto.url, store_creds(), dir.path());
     // Bucket B made directly in moto; bucket A through the sync API.
     direct
         .boto3(
@@ -413,7 +284,7 @@ async fn restricted_key_only_reaches_its_bucket_in_the_store() {
     gw.store
         .add_key(creds.clone(), vec!["job-a".into()])
         .expect("add key");
-    let job = Aws::new(&gw.endpoint(), creds.clone(), dir.path());
+    let job = clients(&gw.endpoint(), creds.clone(), dir.path());
 
     let file = dir.path().join("artifact.txt");
     std::fs::write(&file, b"job output").expect("write");
@@ -494,7 +365,7 @@ print(s3.get_object(Bucket='job-a', Key='copy.txt')['Body'].read().decode())
 async fn sync_api_in_remote_mode_from_a_runtime() {
     let dir = tempfile::tempdir().expect("tempdir");
     let moto = Moto::start(dir.path()).await;
-    let gw = Gateway::start(&dir.path().join("root"), &moto.url).await;
+    let gw = gateway(&dir.path().join("root"), &moto.url).await;
     let store = gw.store.clone();
     assert_eq!(store.remote_url(), Some(moto.url.as_str()));
 
@@ -552,7 +423,7 @@ async fn sync_api_in_remote_mode_from_a_runtime() {
     .await
     .expect("blocking task");
     assert_eq!(listed, 1007);
-    let direct = Aws::new(&moto.url, store_creds(), dir.path());
+    let direct = clients(&moto.url, store_creds(), dir.path());
     direct
         .boto3("s3.create_multipart_upload(Bucket='sync-b', Key='unfinished')\n")
         .await;
@@ -582,7 +453,7 @@ async fn sync_api_in_remote_mode_from_a_runtime() {
 }
 
 /// Signs and sends an aws-chunked (signed chunks) PUT through the gateway.
-async fn chunked_put(gw: &Gateway, path: &str, data: &[u8], tamper: bool) -> (u16, String) {
+async fn chunked_put(gw: &Server, path: &str, data: &[u8], tamper: bool) -> (u16, String) {
     let now = Utc::now();
     let datetime = now.format("%Y%m%dT%H%M%SZ").to_string();
     let date = now.format("%Y%m%d").to_string();
@@ -653,7 +524,7 @@ async fn chunked_put(gw: &Gateway, path: &str, data: &[u8], tamper: bool) -> (u1
 async fn aws_chunked_bodies_are_decoded_and_checked_before_the_store() {
     let dir = tempfile::tempdir().expect("tempdir");
     let moto = Moto::start(dir.path()).await;
-    let gw = Gateway::start(&dir.path().join("root"), &moto.url).await;
+    let gw = gateway(&dir.path().join("root"), &moto.url).await;
     gw.store.create_bucket("chunks").expect("bucket");
     let data = pattern(300_000, 3);
     let (status, body) = chunked_put(&gw, "/chunks/good.bin", &data, false).await;
@@ -725,11 +596,11 @@ async fn aws_chunked_bodies_are_decoded_and_checked_before_the_store() {
 async fn unreachable_store_gives_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut moto = Moto::start(dir.path()).await;
-    let gw = Gateway::start(&dir.path().join("root"), &moto.url).await;
+    let gw = gateway(&dir.path().join("root"), &moto.url).await;
     gw.store.create_bucket("before").expect("bucket while up");
     moto.stop();
 
-    let aws = Aws::new(&gw.endpoint(), admin(), dir.path());
+    let aws = clients(&gw.endpoint(), admin(), dir.path());
     let out = aws
         .boto3(
             r#"

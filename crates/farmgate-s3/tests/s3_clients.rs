@@ -3,161 +3,17 @@
 //! skewed clocks, aws-chunked bodies).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+mod common;
+
+use common::{Aws, Server, admin, run, text};
 use farmgate_s3::sigv4;
-use farmgate_s3::{Credentials, S3Config, S3Store, new_credentials};
+use farmgate_s3::{Credentials, new_credentials};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn admin() -> Credentials {
-    Credentials {
-        access_key: "FGADMINKEY0000000000".into(),
-        secret_key: "adminsecretadminsecretadminsecretadminse".into(),
-    }
-}
-
-/// The store served on 127.0.0.1 (OS-assigned port); the server stops when dropped.
-struct Server {
-    store: S3Store,
-    addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Server {
-    async fn start(root: &Path) -> Server {
-        let store = S3Store::open(S3Config::new(root, admin())).expect("open the store");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local address");
-        let router = store.router();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
-        Server { store, addr, task }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-/// Runs a client program with a bounded wait; a missing program fails with what to install.
-async fn run(program: &str, args: &[&str], envs: &[(&str, String)], install: &str) -> Output {
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
-        .kill_on_drop(true)
-        .stdin(std::process::Stdio::null());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    for k in ["AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"] {
-        cmd.env_remove(k);
-    }
-    match tokio::time::timeout(CLIENT_TIMEOUT, cmd.output()).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-            panic!("{program} is not installed: {install}")
-        }
-        Ok(Err(e)) => panic!("running {program}: {e}"),
-        Err(_) => panic!("{program} {args:?} did not finish within {CLIENT_TIMEOUT:?}"),
-    }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// aws-cli (and boto3) configured for one endpoint and one key.
-struct Aws {
-    endpoint: String,
-    creds: Credentials,
-    config: PathBuf,
-}
-
 const AWS_INSTALL: &str = "install aws-cli and boto3 with `pip install awscli boto3`";
-
-impl Aws {
-    fn new(server: &Server, creds: Credentials, dir: &Path) -> Aws {
-        let config = dir.join(format!("aws-config-{}", creds.access_key));
-        std::fs::write(
-            &config,
-            // aws-cli v1 presigns with SigV2 unless told s3v4.
-            "[default]\nregion = us-east-1\ns3 =\n    addressing_style = path\n    signature_version = s3v4\n",
-        )
-        .expect("write aws config");
-        Aws {
-            endpoint: server.endpoint(),
-            creds,
-            config,
-        }
-    }
-
-    fn envs(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ACCESS_KEY_ID", self.creds.access_key.clone()),
-            ("AWS_SECRET_ACCESS_KEY", self.creds.secret_key.clone()),
-            ("AWS_CONFIG_FILE", self.config.display().to_string()),
-            (
-                "AWS_SHARED_CREDENTIALS_FILE",
-                self.config.with_extension("nocreds").display().to_string(),
-            ),
-            ("AWS_DEFAULT_REGION", "us-east-1".into()),
-            ("AWS_EC2_METADATA_DISABLED", "true".into()),
-            ("S3_ENDPOINT", self.endpoint.clone()),
-        ]
-    }
-
-    async fn run(&self, args: &[&str]) -> Output {
-        let mut all = vec!["--endpoint-url", self.endpoint.as_str()];
-        all.extend_from_slice(args);
-        run("aws", &all, &self.envs(), AWS_INSTALL).await
-    }
-
-    async fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args).await;
-        assert!(out.status.success(), "aws {args:?} failed:\n{}", text(&out));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    async fn fails(&self, args: &[&str], code: &str) {
-        let out = self.run(args).await;
-        let all = text(&out);
-        assert!(!out.status.success(), "aws {args:?} should fail:\n{all}");
-        assert!(
-            all.contains(code),
-            "aws {args:?} should fail with {code}:\n{all}"
-        );
-    }
-
-    /// Runs a Python script with boto3; `s3` is a client for this endpoint and key.
-    async fn boto3(&self, script: &str) -> String {
-        let full = format!(
-            "import os, boto3\nfrom botocore.config import Config\n\
-             s3 = boto3.client('s3', endpoint_url=os.environ['S3_ENDPOINT'], \
-             config=Config(s3={{'addressing_style': 'path'}}))\n{script}"
-        );
-        let out = run("python3", &["-c", &full], &self.envs(), AWS_INSTALL).await;
-        assert!(out.status.success(), "boto3 script failed:\n{}", text(&out));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
 
 fn pattern(len: usize, seed: u32) -> Vec<u8> {
     let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
@@ -175,7 +31,7 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
 async fn aws_cli_multipart_roundtrip_and_presign() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&dir.path().join("root")).await;
-    let aws = Aws::new(&server, admin(), dir.path());
+    let aws = Aws::new(&server.endpoint(), admin(), dir.path(), AWS_INSTALL);
 
     aws.ok(&["s3", "mb", "s3://roundtrip"]).await;
     let big = dir.path().join("big.bin");
@@ -290,7 +146,7 @@ async fn boto3_listing_pagination_copy_and_batch_delete() {
             .put_object("listing", key, key.as_bytes())
             .expect("put");
     }
-    let aws = Aws::new(&server, admin(), dir.path());
+    let aws = Aws::new(&server.endpoint(), admin(), dir.path(), AWS_INSTALL);
     let out = aws
         .boto3(
             r#"
@@ -413,7 +269,7 @@ async fn restricted_key_only_reaches_its_bucket() {
         .store
         .add_key(creds.clone(), vec!["job-1234".into()])
         .expect("add key");
-    let job = Aws::new(&server, creds.clone(), dir.path());
+    let job = Aws::new(&server.endpoint(), creds.clone(), dir.path(), AWS_INSTALL);
 
     let file = dir.path().join("artifact.txt");
     std::fs::write(&file, b"job output").expect("write");
@@ -446,17 +302,23 @@ async fn restricted_key_only_reaches_its_bucket() {
     );
 
     let wrong = Aws::new(
-        &server,
+        &server.endpoint(),
         Credentials {
             access_key: creds.access_key.clone(),
             secret_key: "wrong-secret-wrong-secret-wrong-secret-x".into(),
         },
         dir.path(),
+        AWS_INSTALL,
     );
     wrong
         .fails(&["s3", "ls", "s3://job-1234/"], "SignatureDoesNotMatch")
         .await;
-    let unknown = Aws::new(&server, new_credentials(), dir.path());
+    let unknown = Aws::new(
+        &server.endpoint(),
+        new_credentials(),
+        dir.path(),
+        AWS_INSTALL,
+    );
     unknown
         .fails(&["s3", "ls", "s3://job-1234/"], "InvalidAccessKeyId")
         .await;
@@ -485,7 +347,7 @@ async fn restart_keeps_objects_and_keys() {
             .store
             .add_key(creds.clone(), vec!["persist".into()])
             .expect("add key");
-        let job = Aws::new(&server, creds.clone(), dir.path());
+        let job = Aws::new(&server.endpoint(), creds.clone(), dir.path(), AWS_INSTALL);
         let file = dir.path().join("f.txt");
         std::fs::write(&file, b"kept across restarts").expect("write");
         job.ok(&[
@@ -508,7 +370,7 @@ async fn restart_keeps_objects_and_keys() {
         server.store.list_objects("persist").expect("list"),
         [("a/f.txt".to_string(), 20)]
     );
-    let job = Aws::new(&server, creds, dir.path());
+    let job = Aws::new(&server.endpoint(), creds, dir.path(), AWS_INSTALL);
     let back = dir.path().join("back.txt");
     job.ok(&[
         "s3",
