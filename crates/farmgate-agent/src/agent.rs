@@ -323,28 +323,6 @@ async fn stop_services(services: Vec<Service>, crun: &Path) {
 /// How long a service has to stop after SIGTERM (then SIGKILL) at the pipeline's end.
 pub const SERVICE_STOP_GRACE: Duration = Duration::from_secs(5);
 
-/// Mounts the cgroup2 hierarchy crun needs when nothing is mounted on `/sys/fs/cgroup`
-/// (a DUT's initramfs); a host that has its cgroups is left alone.
-pub fn ensure_cgroup2() -> Result<(), String> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")
-        .map_err(|e| format!("/proc/self/mounts: {e}"))?;
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/cgroup"))
-    {
-        return Ok(());
-    }
-    std::fs::create_dir_all("/sys/fs/cgroup").map_err(|e| format!("/sys/fs/cgroup: {e}"))?;
-    nix::mount::mount(
-        Some("cgroup2"),
-        "/sys/fs/cgroup",
-        Some("cgroup2"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|e| format!("mounting cgroup2 on /sys/fs/cgroup: {e}"))
-}
-
 /// The storage directory the agent uses when `/storage` is not there.
 pub fn default_storage() -> PathBuf {
     let s = Path::new("/storage");

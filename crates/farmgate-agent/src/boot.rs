@@ -108,22 +108,56 @@ pub fn early_mounts() -> Vec<String> {
             None,
         ),
     ];
+    // Read once (again right after /proc itself is mounted), then kept up to date.
+    let mut mounted = mounted_now();
     for (source, target, fstype, flags, data) in table {
-        let mounted = std::fs::read_to_string("/proc/self/mounts")
-            .map(|m| mount_points(&m))
-            .unwrap_or_default();
         if mounted.iter().any(|m| m == target) {
             continue;
         }
-        if let Err(e) = std::fs::create_dir_all(target) {
-            problems.push(format!("{target}: cannot create the mount point: {e}"));
-            continue;
-        }
-        if let Err(e) = nix::mount::mount(Some(source), target, Some(fstype), flags, data) {
-            problems.push(format!("mounting {fstype} on {target}: {e}"));
+        match mount_at(source, target, fstype, flags, data) {
+            Ok(()) if target == "/proc" => mounted = mounted_now(),
+            Ok(()) => mounted.push(target.to_string()),
+            Err(e) => problems.push(e),
         }
     }
     problems
+}
+
+/// The mount points of this process (none when `/proc` is not mounted).
+fn mounted_now() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| mount_points(&m))
+        .unwrap_or_default()
+}
+
+/// Mounts `fstype` on `target`, creating the mount point.
+fn mount_at(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    std::fs::create_dir_all(target)
+        .map_err(|e| format!("{target}: cannot create the mount point: {e}"))?;
+    nix::mount::mount(Some(source), target, Some(fstype), flags, data)
+        .map_err(|e| format!("mounting {fstype} on {target}: {e}"))
+}
+
+/// Mounts the cgroup2 hierarchy crun needs when nothing is mounted on `/sys/fs/cgroup`
+/// (the agent under another init of an initramfs); a host that has its cgroups is left
+/// alone. As init, [`early_mounts`] does it.
+pub fn ensure_cgroup2() -> Result<(), String> {
+    if mounted_now().iter().any(|m| m == "/sys/fs/cgroup") {
+        return Ok(());
+    }
+    mount_at(
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        MsFlags::empty(),
+        None,
+    )
 }
 
 /// The module name of a path or a `b2c.insmods` word: file stem without `.ko*`, with
@@ -220,47 +254,57 @@ fn device_modaliases(sys: &Path) -> Vec<String> {
     out
 }
 
-/// Which of the image's modules to load for the hardware present: those whose
-/// `modules.alias` pattern matches a device's `modalias`, with their dependencies.
-/// `None` when the image has no alias list (then every listed module is loaded).
-pub fn modules_for_hardware(
-    aliases_text: Option<&str>,
-    deps_text: &str,
-    modaliases: &[String],
-) -> Option<std::collections::BTreeSet<String>> {
-    let aliases_text = aliases_text?;
-    let mut wanted = std::collections::BTreeSet::new();
-    for line in aliases_text.lines() {
-        let mut w = line.split_whitespace();
-        let (Some(pattern), Some(module)) = (w.next(), w.next()) else {
-            continue;
-        };
-        let Ok(p) = glob::Pattern::new(pattern) else {
-            continue;
-        };
-        if modaliases.iter().any(|a| p.matches(a)) {
-            wanted.insert(module_name(module));
-        }
+/// The image's module aliases (compiled) and dependencies, read once per boot.
+pub struct HardwareIndex {
+    aliases: Vec<(glob::Pattern, String)>,
+    deps: std::collections::HashMap<String, Vec<String>>,
+}
+
+impl HardwareIndex {
+    /// From the image's alias list (`<pattern> <module>` a line; malformed lines and
+    /// patterns are skipped) and dependency list (`<module>: <dependency> …`). `None`
+    /// when the image has no alias list (then every listed module is loaded).
+    pub fn parse(aliases_text: Option<&str>, deps_text: &str) -> Option<HardwareIndex> {
+        let aliases = aliases_text?
+            .lines()
+            .filter_map(|line| {
+                let mut w = line.split_whitespace();
+                let (pattern, module) = (w.next()?, w.next()?);
+                Some((glob::Pattern::new(pattern).ok()?, module_name(module)))
+            })
+            .collect();
+        let deps = deps_text
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(m, d)| {
+                (
+                    module_name(m.trim()),
+                    d.split_whitespace().map(module_name).collect(),
+                )
+            })
+            .collect();
+        Some(HardwareIndex { aliases, deps })
     }
-    let deps: std::collections::HashMap<String, Vec<String>> = deps_text
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(m, d)| {
-            (
-                module_name(m.trim()),
-                d.split_whitespace().map(module_name).collect(),
-            )
-        })
-        .collect();
-    let mut stack: Vec<String> = wanted.iter().cloned().collect();
-    while let Some(m) = stack.pop() {
-        for d in deps.get(&m).into_iter().flatten() {
-            if wanted.insert(d.clone()) {
-                stack.push(d.clone());
+
+    /// The modules to load for devices of these `modalias`es: those whose alias matches
+    /// one, with their dependencies.
+    pub fn wanted(&self, modaliases: &[String]) -> std::collections::BTreeSet<String> {
+        let mut wanted: std::collections::BTreeSet<String> = self
+            .aliases
+            .iter()
+            .filter(|(p, _)| modaliases.iter().any(|a| p.matches(a)))
+            .map(|(_, m)| m.clone())
+            .collect();
+        let mut stack: Vec<String> = wanted.iter().cloned().collect();
+        while let Some(m) = stack.pop() {
+            for d in self.deps.get(&m).into_iter().flatten() {
+                if wanted.insert(d.clone()) {
+                    stack.push(d.clone());
+                }
             }
         }
+        wanted
     }
-    Some(wanted)
 }
 
 /// Loads the image's modules for the hardware present, as udev's cold plug does: the
@@ -275,19 +319,18 @@ pub fn load_modules_for_hardware(
     insmods: &[String],
     all: bool,
 ) -> ModulesLoaded {
-    let aliases = std::fs::read_to_string(MODULE_ALIASES).ok();
-    let deps = std::fs::read_to_string(MODULE_DEPS).unwrap_or_default();
-    if all || aliases.is_none() {
+    let index = HardwareIndex::parse(
+        std::fs::read_to_string(MODULE_ALIASES).ok().as_deref(),
+        &std::fs::read_to_string(MODULE_DEPS).unwrap_or_default(),
+    );
+    let Some(index) = index.filter(|_| !all) else {
         return load_modules(list, modules_dir, insmods);
-    }
+    };
     let listed = read_module_list(list);
     let mut out = ModulesLoaded::default();
     let mut tried = std::collections::BTreeSet::new();
     for _round in 0..6 {
-        let Some(wanted) = modules_for_hardware(aliases.as_deref(), &deps, &device_modaliases(sys))
-        else {
-            break;
-        };
+        let wanted = index.wanted(&device_modaliases(sys));
         let mut progress = false;
         for p in &listed {
             let name = module_name(&p.to_string_lossy());
@@ -469,7 +512,8 @@ mod tests {
         let deps = "virtio_pci: virtio_pci_modern_dev virtio_ring\nvirtio_net: net_failover virtio_ring\n\
                     net_failover: failover\ne1000e:\n";
         let present = vec!["pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00".to_string()];
-        let w = modules_for_hardware(Some(aliases), deps, &present).unwrap();
+        let index = HardwareIndex::parse(Some(aliases), deps).unwrap();
+        let w = index.wanted(&present);
         let w: Vec<&str> = w.iter().map(String::as_str).collect();
         assert_eq!(
             w,
@@ -478,11 +522,11 @@ mod tests {
         // Once virtio_pci is loaded, the virtio NIC appears and its driver is wanted.
         let mut present = present;
         present.push("virtio:d00000001v00001AF4".to_string());
-        let w = modules_for_hardware(Some(aliases), deps, &present).unwrap();
+        let w = index.wanted(&present);
         assert!(w.contains("virtio_net") && w.contains("failover"), "{w:?}");
         assert!(!w.contains("e1000e") && !w.contains("ext4"), "{w:?}");
         // No alias list in the image: no choice made.
-        assert!(modules_for_hardware(None, deps, &present).is_none());
+        assert!(HardwareIndex::parse(None, deps).is_none());
     }
 
     #[test]

@@ -143,29 +143,22 @@ async fn main_async(args: &Args, pid1: bool) -> End {
             cmdline::B2cConfig::default()
         }
     };
-    let mut setup = Setup::default();
     if pid1 {
-        setup = machine_setup(&cfg, &mode).await;
+        machine_setup(&cfg, &mode).await;
     }
     match mode {
         Mode::Check => End::new(&cfg, check(), false),
         Mode::Register { gateway } => End::new(&cfg, register_machine(&gateway).await, false),
-        Mode::Pipeline => pipeline(args, cfg, &setup).await,
+        Mode::Pipeline => pipeline(args, cfg).await,
     }
-}
-
-/// What the set-up of the machine found out (as init).
-#[derive(Debug, Default)]
-struct Setup {
-    /// The DHCP server of the first interface configured by DHCP (the gateway).
-    dhcp_server: Option<std::net::IpAddr>,
 }
 
 /// The machine's set-up when the agent is its init: modules, host name, network, clock,
 /// cache partition. Problems are printed; the run goes on (the job's own output then
 /// says what is missing).
-async fn machine_setup(cfg: &cmdline::B2cConfig, mode: &Mode) -> Setup {
-    let mut setup = Setup::default();
+async fn machine_setup(cfg: &cmdline::B2cConfig, mode: &Mode) {
+    // The DHCP server of the first interface configured by DHCP (the gateway).
+    let mut dhcp_server = None;
     let at = boot::uptime;
     // File systems match no device: with a cache or a b2c.filesystem to mount, every
     // module of the image is loaded; otherwise those of the hardware present.
@@ -195,15 +188,15 @@ async fn machine_setup(cfg: &cmdline::B2cConfig, mode: &Mode) -> Setup {
     }
     if *mode == Mode::Check {
         // The boot loops' check needs nothing more.
-        return setup;
+        return;
     }
     match net::bring_up(cfg, &net::NetPaths::default(), Duration::from_secs(30)).await {
         Ok(list) => {
             for c in &list {
                 println!("farm-agent: [{:.2} s] network {c}", at());
                 if let net::Source::Dhcp(lease) = &c.source {
-                    if setup.dhcp_server.is_none() {
-                        setup.dhcp_server = Some(std::net::IpAddr::V4(lease.server));
+                    if dhcp_server.is_none() {
+                        dhcp_server = Some(std::net::IpAddr::V4(lease.server));
                     }
                     // Jobs outlive leases: renewed in the background.
                     tokio::spawn(net::keep_lease(c.iface.clone(), lease.clone()));
@@ -214,7 +207,7 @@ async fn machine_setup(cfg: &cmdline::B2cConfig, mode: &Mode) -> Setup {
     }
     if cfg.ntp_peer != cmdline::NtpPeer::None {
         // The clock is set when the peer answers; nothing waits for it.
-        let (peer, fallback) = (cfg.ntp_peer.clone(), setup.dhcp_server);
+        let (peer, fallback) = (cfg.ntp_peer.clone(), dhcp_server);
         tokio::spawn(async move {
             match ntp::sync(&peer, fallback, ntp::NTP_PORT, true, Duration::from_secs(2)).await {
                 Ok(Some(sample)) => println!("farm-agent: clock set from {sample}"),
@@ -239,7 +232,6 @@ async fn machine_setup(cfg: &cmdline::B2cConfig, mode: &Mode) -> Setup {
         }
     }
     println!("farm-agent: [{:.2} s] machine ready", at());
-    setup
 }
 
 fn check() -> i32 {
@@ -297,7 +289,7 @@ async fn register_machine(gateway: &str) -> i32 {
     }
 }
 
-async fn pipeline(args: &Args, mut cfg: cmdline::B2cConfig, _setup: &Setup) -> End {
+async fn pipeline(args: &Args, mut cfg: cmdline::B2cConfig) -> End {
     if let Some(url) = cfg.extra_args_url.clone() {
         let fetched = async {
             let r = reqwest::get(&url).await.map_err(|e| e.to_string())?;
@@ -323,7 +315,7 @@ async fn pipeline(args: &Args, mut cfg: cmdline::B2cConfig, _setup: &Setup) -> E
         crun: args.crun.clone(),
         ..AgentEnv::default()
     };
-    if let Err(e) = agent::ensure_cgroup2() {
+    if let Err(e) = boot::ensure_cgroup2() {
         println!("farm-agent: {e}");
     }
     let result = agent::run_b2c(&cfg, &env).await;
