@@ -149,19 +149,20 @@ fn sibling_agent() -> Option<PathBuf> {
         .map(|(_, p)| p)
 }
 
-fn find_program(name: &str) -> Option<PathBuf> {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
+/// Whether `path` is a file of the host, or of `sysroot` when given.
+fn has_file(sysroot: Option<&Path>, path: &Path) -> bool {
+    match sysroot {
+        None => path.is_file(),
+        Some(root) => farmgate_initramfs::resolve_in_sysroot(root, path).is_ok_and(|h| h.is_file()),
+    }
 }
 
-/// The path of `name` inside `sysroot` (e.g. `/sbin/mkfs.ext4`), if it has it.
-fn find_sysroot_program(sysroot: &Path, name: &str) -> Option<PathBuf> {
+/// The path of program `name` (e.g. `/sbin/mkfs.ext4`) on the host, or inside `sysroot`.
+fn find_program(sysroot: Option<&Path>, name: &str) -> Option<PathBuf> {
     ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
         .iter()
         .map(|d| Path::new(d).join(name))
-        .find(|p| farmgate_initramfs::resolve_in_sysroot(sysroot, p).is_ok_and(|h| h.is_file()))
+        .find(|p| has_file(sysroot, p))
 }
 
 /// The command that cross-builds the agent for `arch` (Debian's gcc-<arch>-linux-gnu
@@ -226,65 +227,19 @@ pub fn build(
             "--arch {arch} is not this host's ({host_arch}): give --sysroot DIR, a sysroot of {arch} packages (for aarch64: scripts/arm64-sysroot.sh DIR)"
         );
     }
-    if let Some(root) = &args.sysroot {
-        return build_from_sysroot(args, root, arch, &out, &gateway);
-    }
-    let agent = match &args.agent {
-        Some(a) => a.clone(),
-        None => sibling_agent().ok_or_else(|| {
-            anyhow::anyhow!(
-                "farm-agent not found beside this binary: build it (cargo build --profile agent -p farmgate-agent) or give --agent PATH"
-            )
-        })?,
-    };
-    let agent = std::fs::canonicalize(&agent)
-        .map_err(|e| anyhow::anyhow!("agent {}: {e}", agent.display()))?;
-    if !args.crun.is_file() {
-        anyhow::bail!(
-            "crun {}: no such file (install Debian's crun, or give --crun PATH)",
-            args.crun.display()
-        );
-    }
-    std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
-    let work = tempfile::Builder::new()
-        .prefix(".image-build.")
-        .tempdir_in(&out)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
-
-    let mut opts = farmgate_initramfs::BuildOptions::new(work.path());
-    opts.kernel = args.kernel.clone();
-    opts.busybox = args.busybox.clone();
-    opts.extra_modules = IMAGE_MODULES.iter().map(|s| s.to_string()).collect();
-    opts.extra_modules.extend(args.modules.iter().cloned());
-    opts.extra_binaries = vec![args.crun.clone()];
-    opts.extra_binaries
-        .extend(CACHE_TOOLS.iter().filter_map(|t| find_program(t)));
-    opts.extra_binaries.extend(args.binaries.iter().cloned());
-    opts.init = Some(agent);
-    // Unpacked at every boot: LZ4 unpacks twice as fast as gzip for 15% more bytes.
-    opts.compression = farmgate_initramfs::Compression::Lz4;
-    let summary = farmgate_initramfs::build(&opts)?;
-    publish(&out, arch, &gateway, args.append.as_deref(), summary)
-}
-
-/// The image for `arch` from the files of `sysroot`.
-fn build_from_sysroot(
-    args: &BuildArgs,
-    sysroot: &Path,
-    arch: &str,
-    out: &Path,
-    gateway: &str,
-) -> anyhow::Result<Published> {
-    if !sysroot.is_dir() {
+    let sysroot = args.sysroot.as_deref();
+    if let Some(root) = sysroot
+        && !root.is_dir()
+    {
         anyhow::bail!(
             "sysroot {}: no such directory (for aarch64: scripts/arm64-sysroot.sh {})",
-            sysroot.display(),
-            sysroot.display()
+            root.display(),
+            root.display()
         );
     }
     let agent = match &args.agent {
         Some(a) => a.clone(),
-        None if arch == std::env::consts::ARCH => sibling_agent().ok_or_else(|| {
+        None if arch == host_arch => sibling_agent().ok_or_else(|| {
             anyhow::anyhow!(
                 "farm-agent not found beside this binary: build it (cargo build --profile agent -p farmgate-agent) or give --agent PATH"
             )
@@ -293,38 +248,41 @@ fn build_from_sysroot(
     };
     let agent = std::fs::canonicalize(&agent)
         .map_err(|e| anyhow::anyhow!("agent {}: {e}", agent.display()))?;
-    if !farmgate_initramfs::resolve_in_sysroot(sysroot, &args.crun).is_ok_and(|h| h.is_file()) {
-        anyhow::bail!(
-            "crun {} not in sysroot {} (scripts/arm64-sysroot.sh extracts crun:arm64, or give --crun PATH inside the sysroot)",
-            args.crun.display(),
-            sysroot.display()
-        );
+    if !has_file(sysroot, &args.crun) {
+        match sysroot {
+            None => anyhow::bail!(
+                "crun {}: no such file (install Debian's crun, or give --crun PATH)",
+                args.crun.display()
+            ),
+            Some(root) => anyhow::bail!(
+                "crun {} not in sysroot {} (scripts/arm64-sysroot.sh extracts crun:arm64, or give --crun PATH inside the sysroot)",
+                args.crun.display(),
+                root.display()
+            ),
+        }
     }
-    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
     let work = tempfile::Builder::new()
         .prefix(".image-build.")
-        .tempdir_in(out)
+        .tempdir_in(&out)
         .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
 
     let mut opts = farmgate_initramfs::BuildOptions::new(work.path());
     opts.arch = arch.to_string();
-    opts.sysroot = Some(sysroot.to_path_buf());
+    opts.sysroot = sysroot.map(Path::to_path_buf);
     opts.kernel = args.kernel.clone();
     opts.busybox = args.busybox.clone();
     opts.extra_modules = IMAGE_MODULES.iter().map(|s| s.to_string()).collect();
     opts.extra_modules.extend(args.modules.iter().cloned());
     opts.extra_binaries = vec![args.crun.clone()];
-    opts.extra_binaries.extend(
-        CACHE_TOOLS
-            .iter()
-            .filter_map(|t| find_sysroot_program(sysroot, t)),
-    );
+    opts.extra_binaries
+        .extend(CACHE_TOOLS.iter().filter_map(|t| find_program(sysroot, t)));
     opts.extra_binaries.extend(args.binaries.iter().cloned());
     opts.init = Some(agent);
     // Unpacked at every boot: LZ4 unpacks twice as fast as gzip for 15% more bytes.
     opts.compression = farmgate_initramfs::Compression::Lz4;
     let summary = farmgate_initramfs::build(&opts)?;
-    publish(out, arch, gateway, args.append.as_deref(), summary)
+    publish(&out, arch, &gateway, args.append.as_deref(), summary)
 }
 
 /// Moves the built files to their published names for `arch`.
